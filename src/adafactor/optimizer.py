@@ -1,0 +1,519 @@
+"""``adafactor.Adafactor``: validation, state, and the per-step driver around the reference math."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, NamedTuple, TypeVar, cast
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _reference as ref
+from ._validation import IMPLS, check_group, check_param
+from .factoring import factor_dims
+from .functional import adafactor_step
+from .presets import preset_defaults
+
+__all__ = ["Adafactor", "LRSchedule", "StepStats"]
+
+LRSchedule = Callable[[int], float]
+_T = TypeVar("_T")
+
+
+class _Unset:
+    """Marks a keyword the caller did not pass, so a preset may fill it; shows the plain default."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _default(value: _T) -> _T:
+    return cast(_T, _Unset(value))
+
+
+# Hyperparameters each param group carries (torch convention: every option is per group).
+_GROUP_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-2,
+    "beta2_decay": -0.8,
+    "beta2_cap": None,
+    "eps1": 1e-30,
+    "eps1_mode": "add",
+    "eps2": 1e-3,
+    "clip_threshold": 1.0,
+    "relative_step": True,
+    "scale_parameter": True,
+    "warmup_init": False,
+    "beta1": None,
+    "momentum": "update",
+    "momentum_dtype": None,
+    "weight_decay": 0.0,
+    "weight_decay_mode": "lr",
+    "factored": True,
+    "factor_dims": "last2",
+    "min_dim_size_to_factor": 0,
+    "clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "maximize": False,
+    "state_dtype": None,
+    "stochastic_rounding": False,
+    "skip_nonfinite": False,
+}
+
+
+class StepStats(NamedTuple):
+    """What one param group's last step did, as device tensors (reading them is the only sync).
+
+    ``alpha``, ``update_rms`` and ``clipped`` have one entry per parameter that had a gradient,
+    in group order.
+    """
+
+    lr: float | Tensor  # lr_t of the step (the schedule's value when lr is a schedule)
+    alpha: Tensor  # alpha_t: the step size applied to the clipped update U_hat
+    update_rms: Tensor  # RMS(U) before update clipping
+    clipped: Tensor  # bool: update clipping fired (RMS(U) > clip_threshold)
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor (Shazeer & Stern, 2018) with every option of the public implementations.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: x_0,\ \text{lr}_t,\ c = \text{beta2\_decay},\ \epsilon_1,\ \epsilon_2,
+            \ d = \text{clip\_threshold},\ \beta_1 \\
+        &\textbf{for}\ t = 1, 2, \ldots \\
+        &\quad G_t = \pm\nabla f_t(x_{t-1}) \quad\text{(after clipnorm / clipvalue /
+            global\_clipnorm)} \\
+        &\quad \hat\beta_{2t} = \min(\text{beta2\_cap},\ 1 - t^{c}) \\
+        &\quad \rho_t = \min(\text{lr}_t, 1/\sqrt t)\ \text{if relative\_step else lr}_t \\
+        &\quad \alpha_t = \max(\epsilon_2, \mathrm{RMS}(x_{t-1}))\,\rho_t\
+            \text{if scale\_parameter else}\ \rho_t \\
+        &\quad \textbf{if}\ x\ \text{factored over dims (rows, cols)}: \\
+        &\qquad R_t = \hat\beta_{2t} R_{t-1} + (1-\hat\beta_{2t})\,
+            \mathrm{mean}_{cols}(G_t^2 + \epsilon_1) \\
+        &\qquad C_t = \hat\beta_{2t} C_{t-1} + (1-\hat\beta_{2t})\,
+            \mathrm{mean}_{rows}(G_t^2 + \epsilon_1) \\
+        &\qquad \hat V_t = R_t C_t / \mathrm{mean}_{rows}(R_t) \\
+        &\quad \textbf{else}\ \ \hat V_t = \hat\beta_{2t}\hat V_{t-1} + (1-\hat\beta_{2t})
+            (G_t^2 + \epsilon_1) \\
+        &\quad U_t = G_t / \sqrt{\hat V_t}, \qquad
+            \hat U_t = U_t / \max(1, \mathrm{RMS}(U_t)/d) \\
+        &\quad \textbf{if}\ \beta_1:\ m_t = \beta_1 m_{t-1} + (1-\beta_1)\,\alpha_t\hat U_t,
+            \ \ \Delta_t = m_t \quad\text{else}\ \ \Delta_t = \alpha_t \hat U_t \\
+        &\quad x_t = \mathrm{decay}(x_{t-1}) - \Delta_t \\
+        \end{aligned}
+
+    Args:
+        params: iterable of tensors or of param-group dicts; every option below can be set per
+            group.
+        lr: learning rate :math:`\text{lr}_t`: a float, a one-element tensor, or a schedule,
+            a callable of the 0-based update index as Keras evaluates a LearningRateSchedule.
+            torch LR schedulers (which write ``group["lr"]``) work with a float lr.
+        beta2_decay: exponent :math:`c` of :math:`\hat\beta_{2t} = 1 - t^{c}`, at most 0.
+        beta2_cap: upper bound of :math:`\hat\beta_{2t}` (big_vision: 0.999), or None.
+        eps1: regulariser :math:`\epsilon_1` added to :math:`G^2` (``eps1_mode="add"``), or the
+            floor of mean(R) and, squared, of :math:`\hat V` (``"clamp"``, torch.optim; None
+            there means the parameter dtype's machine epsilon).
+        eps2: floor of RMS(x) in the parameter scale.
+        clip_threshold: update clipping threshold :math:`d`; None disables update clipping.
+        relative_step: cap the step size by :math:`1/\sqrt t` (the paper's relative step).
+        scale_parameter: multiply the step size by :math:`\max(\epsilon_2, \mathrm{RMS}(x))`.
+        beta1: momentum decay; None (or 0) keeps no first moment.
+        weight_decay: decay coefficient :math:`\lambda`, applied as ``weight_decay_mode`` says.
+        factored: keep factored second moments for tensors of rank >= 2 (False: full V
+            everywhere, the paper's ablation).
+        min_dim_size_to_factor: factor only when both factored dims are at least this large.
+        clipnorm: clip each gradient to this L2 norm before the step (Keras).
+        clipvalue: clip each gradient element to [-clipvalue, clipvalue] (Keras).
+        global_clipnorm: clip all gradients of the optimizer to this joint L2 norm (Keras).
+        use_ema: keep an exponential moving average of the weights (Keras).
+        ema_momentum: EMA decay: ``ema = m * ema + (1 - m) * x`` after each step.
+        ema_overwrite_frequency: every this many steps, overwrite the weights with their EMA.
+        maximize: maximize the objective instead of minimizing it.
+        preset: one of ``adafactor.PRESETS`` ("paper", "keras", "torch", "transformers",
+            "optax", "t5", "big_vision"): defaults under which this optimizer reproduces that
+            implementation. Keyword arguments passed explicitly override the preset.
+        warmup_init: with ``relative_step``, also cap the step size by :math:`10^{-6} t`
+            (transformers' warm-up).
+        momentum: what the momentum averages: ``"update"`` (the applied update
+            :math:`\alpha_t\hat U_t`: T2T, transformers, optax), ``"normalized_update"`` (the
+            clipped update :math:`\hat U_t` before the step size: big_vision) or ``"grad"`` (the
+            gradient, normalised by :math:`\sqrt{\hat V_t}` afterwards: Adam-style).
+        momentum_dtype: dtype of the momentum buffer (e.g. ``torch.bfloat16``); default: the
+            state dtype.
+        weight_decay_mode: ``"lr"``: :math:`x(1-\text{lr}_t\lambda)` (torch, big_vision);
+            ``"lr_before"``: the same applied before RMS(x) is measured (tf_keras, Keras 3);
+            ``"alpha"``: :math:`x(1-\alpha_t\lambda)` (transformers, timm);
+            ``"unscaled"``: :math:`x(1-\lambda)` (optax, T5X).
+        eps1_mode: ``"add"`` (the paper) or ``"clamp"`` (torch.optim.Adafactor), see ``eps1``.
+        factor_dims: which two dims are factored: ``"last2"``, ``"largest2"`` or ``"matrix"``
+            (rank-2 tensors only), see :func:`adafactor.factor_dims`.
+        state_dtype: dtype of the second-moment state and EMA; default float32 (float64 for
+            float64 parameters), whatever the parameter dtype.
+        stochastic_rounding: round bf16 parameters stochastically when writing them back.
+        skip_nonfinite: skip the whole group's step (no state change) when any of its gradients
+            holds inf or NaN, and count it in ``group["skipped_steps"]``. Costs one host sync.
+        impl: ``"auto"`` (the fastest available path) or ``"reference"`` (the readable math).
+        generator: random generator for stochastic rounding (for reproducible runs).
+
+    After each step, :attr:`last_step_stats` holds one :class:`StepStats` per param group.
+
+    .. note::
+        Math runs in float32 for bf16/fp16 parameters and the state stays float32 (unless
+        ``state_dtype`` says otherwise), so :math:`\epsilon_1` never underflows and
+        :math:`\hat\beta_{2t}` never rounds to 1. Non-finite gradients propagate into the
+        parameters and state, as in every reference implementation, unless ``skip_nonfinite``.
+
+    Examples:
+        >>> import torch
+        >>> from adafactor import Adafactor
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = Adafactor(model.parameters())
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['col_var', 'row_var', 'step']
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
+        ICML 2018, https://arxiv.org/abs/1804.04235
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor | LRSchedule = _default(1e-2),
+        *,
+        beta2_decay: float = _default(-0.8),
+        beta2_cap: float | None = _default(None),
+        eps1: float | None = _default(1e-30),
+        eps2: float = _default(1e-3),
+        clip_threshold: float | None = _default(1.0),
+        relative_step: bool = _default(True),
+        scale_parameter: bool = _default(True),
+        beta1: float | None = _default(None),
+        weight_decay: float = _default(0.0),
+        factored: bool = _default(True),
+        min_dim_size_to_factor: int = _default(0),
+        clipnorm: float | None = _default(None),
+        clipvalue: float | None = _default(None),
+        global_clipnorm: float | None = None,
+        use_ema: bool = _default(False),
+        ema_momentum: float = _default(0.99),
+        ema_overwrite_frequency: int | None = _default(None),
+        maximize: bool = _default(False),
+        preset: str | None = None,
+        warmup_init: bool = _default(False),
+        momentum: str = _default("update"),
+        momentum_dtype: torch.dtype | None = _default(None),
+        weight_decay_mode: str = _default("lr"),
+        eps1_mode: str = _default("add"),
+        factor_dims: str = _default("last2"),
+        state_dtype: torch.dtype | None = _default(None),
+        stochastic_rounding: bool = _default(False),
+        skip_nonfinite: bool = _default(False),
+        impl: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        given = {k: v for k, v in locals().items() if k in _GROUP_DEFAULTS}
+        explicit = {k: v for k, v in given.items() if not isinstance(v, _Unset)}
+        defaults = {**_GROUP_DEFAULTS, **preset_defaults(preset), **explicit}
+        check_group(defaults)
+        if global_clipnorm is not None:
+            if not isinstance(global_clipnorm, (int, float)) or not global_clipnorm > 0:
+                raise ValueError(f"global_clipnorm must be a number > 0, got {global_clipnorm!r}")
+            if defaults["clipnorm"] is not None or defaults["clipvalue"] is not None:
+                raise ValueError(
+                    f"global_clipnorm={global_clipnorm!r} is set together with clipnorm or "
+                    "clipvalue; tf_keras would silently use only one of them. Set only one"
+                )
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.preset = preset
+        self.global_clipnorm = global_clipnorm
+        self.impl = impl
+        self.generator = generator
+        self.last_step_stats: list[StepStats | None] = []
+        super().__init__(params, defaults)
+
+    @classmethod
+    def from_keras(
+        cls,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        learning_rate: float | Tensor | LRSchedule = 0.001,
+        beta_2_decay: float = -0.8,
+        epsilon_1: float = 1e-30,
+        epsilon_2: float = 0.001,
+        clip_threshold: float = 1.0,
+        relative_step: bool = True,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        jit_compile: bool = True,
+        name: str = "Adafactor",
+        mesh: Any = None,
+    ) -> Adafactor:
+        """``tf_keras.optimizers.Adafactor`` with Keras' names and defaults (the "keras" preset).
+
+        As in Keras, the step size is always :math:`\\min(\\text{lr}_t, 1/\\sqrt t)` scaled by
+        RMS(x): Keras ignores ``relative_step``, and so does this constructor (with a warning
+        when it is False; use ``Adafactor(preset="keras", relative_step=False)`` for a constant
+        step). Unlike tf_keras the state stays sublinear: no full-size ``v`` is stored.
+        ``jit_compile`` selects the fast path (``impl="auto"``) or the reference math;
+        ``mesh`` is the torch DeviceMesh the parameters are sharded on.
+        """
+        if not relative_step:
+            warnings.warn(
+                "tf_keras ignores relative_step=False (rho_t = min(lr, 1/sqrt(t)) either way) and "
+                "from_keras reproduces that; use Adafactor(preset='keras', relative_step=False) "
+                "for a constant step size",
+                UserWarning,
+                stacklevel=2,
+            )
+        opt = cls(
+            params,
+            lr=learning_rate,
+            preset="keras",
+            beta2_decay=beta_2_decay,
+            eps1=epsilon_1,
+            eps2=epsilon_2,
+            clip_threshold=clip_threshold,
+            weight_decay=0.0 if weight_decay is None else weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            impl="auto" if jit_compile else "reference",
+        )
+        opt.name = name
+        opt.mesh = mesh
+        return opt
+
+    # -----------------------------------------------------------------------------------------
+    # param groups and state
+    # -----------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("skipped_steps", 0)
+        check_group(group)
+        index = len(self.param_groups) - 1
+        for i, p in enumerate(group["params"]):
+            check_param(p, f"param_groups[{index}]['params'][{i}]", group["factored"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from older versions lack newer options
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+            group.setdefault("skipped_steps", 0)
+
+    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
+        return group["state_dtype"] or ref.compute_dtype(p.dtype)
+
+    def _expected_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Key -> (shape, dtype) of every state tensor ``p`` gets under ``group``'s options."""
+        shape = tuple(p.shape)
+        sdtype = self._state_dtype(p, group)
+        dims = factor_dims(
+            shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
+        )
+        out: dict[str, tuple[Any, Any]] = {"step": ((), torch.float64)}
+        if dims is not None:
+            row = list(shape)
+            row[dims.col_dim] = 1
+            col = list(shape)
+            col[dims.row_dim] = 1
+            out["row_var"] = (tuple(row), sdtype)
+            out["col_var"] = (tuple(col), sdtype)
+        else:
+            out["variance"] = (shape, sdtype)
+        if group["beta1"]:
+            out["exp_avg"] = (shape, group["momentum_dtype"] or sdtype)
+        if group["use_ema"]:
+            out["ema"] = (shape, sdtype)
+        return out
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        for key, (shape, dtype) in self._expected_state(p, group).items():
+            if key == "step":
+                state[key] = torch.zeros((), dtype=dtype)
+            elif key == "ema":  # tf_keras starts the average at the weights' initial value
+                state[key] = p.detach().to(dtype=dtype, copy=True)
+            elif key not in state:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        return state
+
+    # -----------------------------------------------------------------------------------------
+    # the step
+    # -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = [self._grads_of(group, i) for i, group in enumerate(self.param_groups)]
+        global_scale = self._global_grad_scale(work) if self.global_clipnorm else None
+        self.last_step_stats = []
+        for group, (params, grads) in zip(self.param_groups, work):
+            if group["skip_nonfinite"] and grads and not _all_finite(grads):
+                group["skipped_steps"] += 1
+                self.last_step_stats.append(None)
+                continue
+            self.last_step_stats.append(self._step_group(group, params, grads, global_scale))
+        return loss
+
+    def _grads_of(self, group: dict[str, Any], index: int) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"param_groups[{index}]['params'][{i}] has a sparse gradient; Adafactor needs "
+                    "dense gradients (use nn.Embedding(sparse=False), or densify with "
+                    "grad.to_dense())"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _global_grad_scale(self, work: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor | None:
+        grads = [g for group, (_, gs) in zip(self.param_groups, work) for g in gs if g.numel()]
+        if not grads:
+            return None
+        norms = torch._foreach_norm([g.float() for g in grads])
+        sq_sum = torch.stack([n.square() for n in norms]).sum()
+        assert self.global_clipnorm is not None
+        return ref.norm_clip_factor(sq_sum, self.global_clipnorm)
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        global_scale: Tensor | None,
+    ) -> StepStats | None:
+        states = [self.state[p] if self.state[p] else self._init_state(p, group) for p in params]
+        result = adafactor_step(
+            params,
+            grads,
+            states,
+            group,
+            global_grad_scale=global_scale,
+            generator=self.generator,
+            impl=self.impl,
+        )
+        if not result.alphas:
+            return None
+        rms = torch.stack(result.update_rms)
+        threshold = group["clip_threshold"]
+        clipped = rms > threshold if threshold is not None else torch.zeros_like(rms, dtype=bool)
+        return StepStats(result.lr, torch.stack(result.alphas), rms, clipped)
+
+    def finalize_variable_values(self) -> None:
+        """Write the EMA of the weights into the parameters (Keras' end-of-training call)."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    ema = self.state[p].get("ema") if p in self.state else None
+                    if ema is not None:
+                        p.copy_(ema)
+
+    # -----------------------------------------------------------------------------------------
+    # state_dict
+    # -----------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of ``torch.optim.Adafactor``.
+
+        The layout is checked first: a state tensor whose shape does not fit its parameter under
+        this optimizer's factoring options raises instead of loading silently. State keeps its
+        own dtype (float32 statistics stay float32 for bf16 parameters), so resuming is bit-exact.
+        """
+        state_dict = {
+            "state": state_dict["state"],
+            "param_groups": [
+                _translate_group(g, mine)
+                for g, mine in zip(state_dict["param_groups"], self.param_groups)
+            ]
+            + state_dict["param_groups"][len(self.param_groups) :],
+        }
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                check_param(p, f"param_groups[{gi}]", group["factored"])
+        id_to_param = dict(zip(saved_ids, params))
+        for pid, saved in saved_state.items():
+            p = id_to_param[pid]
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            expected = self._expected_state(p, group)
+            restored: dict[str, Any] = {}
+            for key, value in saved.items():
+                if not isinstance(value, Tensor) or key not in expected:
+                    restored[key] = value
+                    continue
+                shape, dtype = expected[key]
+                if tuple(value.shape) != tuple(shape):
+                    raise ValueError(
+                        f"load_state_dict: state[{key!r}] of the parameter with id {pid} has "
+                        f"shape {tuple(value.shape)}, but this optimizer expects {tuple(shape)} "
+                        f"for a parameter of shape {tuple(p.shape)} under its factoring options "
+                        f"(factor_dims={group['factor_dims']!r}, min_dim_size_to_factor="
+                        f"{group['min_dim_size_to_factor']}, factored={group['factored']}). "
+                        "Load a state dict saved from the same model, param groups and options"
+                    )
+                device = torch.device("cpu") if key == "step" else p.device
+                restored[key] = value.to(device=device, dtype=dtype, copy=True)
+            missing = [k for k in expected if k not in restored and k != "ema"]
+            if missing and "step" in restored:
+                raise ValueError(
+                    f"load_state_dict: the parameter with id {pid} (shape {tuple(p.shape)}) lacks "
+                    f"state {missing}; it was saved under other options (e.g. beta1 or factoring)"
+                )
+            self.state[p] = restored
+
+
+def _translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """Map a saved group (ours or torch.optim.Adafactor's) onto this optimizer's group keys."""
+    group = {k: v for k, v in current.items() if k != "params"}
+    for key, value in saved.items():
+        if key in ("d", "eps", "foreach", "differentiable"):  # torch.optim.Adafactor's names
+            continue
+        group[key] = value
+    if "d" in saved:
+        group["clip_threshold"] = saved["d"]
+    if "eps" in saved:
+        eps1, eps2 = saved["eps"]
+        group["eps2"] = eps2
+        if group["eps1_mode"] == "clamp":
+            group["eps1"] = eps1
+    check_group(group)
+    return group
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    return bool(flags.all())
