@@ -51,14 +51,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def beta2_at(t: int, beta2_decay: float, beta2_cap: float | None) -> float:
-    r"""Second-moment decay :math:`\hat\beta_{2t} = 1 - t^{c}` (``c = beta2_decay``), maybe capped.
+def beta2_at(
+    t: int, beta2_decay: float, beta2_cap: float | None, beta2: float | None = None
+) -> float:
+    r"""Second-moment decay :math:`\hat\beta_{2t}` of step ``t``, computed in float64.
 
-    Computed in float64 from an integer step, so it never rounds to 1 early (tf_keras computes it in
-    the parameter dtype, which freezes bf16 training at t ~ 3000). At t = 1 it is 0.
+    Default: :math:`1 - t^{c}` (``c = beta2_decay``), optionally capped by ``beta2_cap``. With a
+    fixed ``beta2`` it is Adam's decay with the bias correction folded in (the paper's section 7,
+    T2T's ``adafactor_decay_rate_adam``): :math:`\beta_2(1-\beta_2^{t-1})/(1-\beta_2^t)`.
+    Either way it is 0 at t = 1 and never rounds to 1 early (tf_keras computes it in the
+    parameter dtype, which freezes bf16 training at t ~ 3000).
     """
-    beta2 = 1.0 - float(t) ** beta2_decay
-    return beta2 if beta2_cap is None else min(beta2_cap, beta2)
+    if beta2 is not None:
+        decay = beta2 * (1.0 - beta2 ** (t - 1)) / (1.0 - beta2**t)
+    else:
+        decay = 1.0 - float(t) ** beta2_decay
+    return decay if beta2_cap is None else min(beta2_cap, decay)
 
 
 def relative_step_size(
@@ -145,7 +153,7 @@ def prepare(
         shape=shape,
         t=t,
         lr=lr,
-        beta2=beta2_at(t, group["beta2_decay"], group["beta2_cap"]),
+        beta2=beta2_at(t, group["beta2_decay"], group["beta2_cap"], group["beta2"]),
         rho=relative_step_size(lr, t, group["relative_step"], group["warmup_init"]),
     )
 

@@ -98,6 +98,16 @@ def check_group(group: dict[str, Any]) -> None:
             high_open=False,
             hint="big_vision caps beta2_t at 0.999; None disables the cap",
         )
+    if group["beta2"] is not None:
+        _in_range(
+            "beta2",
+            group["beta2"],
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
+            hint="a fixed second-moment decay such as 0.999; None uses beta2_decay",
+        )
     mode = group["eps1_mode"]
     if mode not in EPS1_MODES:
         raise ValueError(f"eps1_mode must be one of {EPS1_MODES}, got {mode!r}")

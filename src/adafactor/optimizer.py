@@ -44,6 +44,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "lr": 1e-2,
     "beta2_decay": -0.8,
     "beta2_cap": None,
+    "beta2": None,
     "eps1": 1e-30,
     "eps1_mode": "add",
     "eps2": 1e-3,
@@ -121,6 +122,9 @@ class Adafactor(Optimizer):
             torch LR schedulers (which write ``group["lr"]``) work with a float lr.
         beta2_decay: exponent :math:`c` of :math:`\hat\beta_{2t} = 1 - t^{c}`, at most 0.
         beta2_cap: upper bound of :math:`\hat\beta_{2t}` (big_vision: 0.999), or None.
+        beta2: a fixed decay with Adam's bias correction folded in,
+            :math:`\hat\beta_{2t} = \beta_2(1-\beta_2^{t-1})/(1-\beta_2^t)`, in place of
+            ``beta2_decay`` (the paper's "beta2 = 0.999" rows); None uses ``beta2_decay``.
         eps1: regulariser :math:`\epsilon_1` added to :math:`G^2` (``eps1_mode="add"``), or the
             floor of mean(R) and, squared, of :math:`\hat V` (``"clamp"``, torch.optim; None
             there means the parameter dtype's machine epsilon).
@@ -196,6 +200,7 @@ class Adafactor(Optimizer):
         *,
         beta2_decay: float = _default(-0.8),
         beta2_cap: float | None = _default(None),
+        beta2: float | None = _default(None),
         eps1: float | None = _default(1e-30),
         eps2: float = _default(1e-3),
         clip_threshold: float | None = _default(1.0),
