@@ -72,6 +72,10 @@ _GROUP_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Every tensor key this optimizer may keep per parameter (torch.optim.Adafactor's names first).
+_STATE_KEYS = ("step", "row_var", "col_var", "variance", "exp_avg", "ema")
+
+
 class StepStats(NamedTuple):
     """What one param group's last step did, as device tensors (reading them is the only sync).
 
@@ -475,6 +479,15 @@ class Adafactor(Optimizer):
             p = id_to_param[pid]
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             expected = self._expected_state(p, group)
+            known = set(_STATE_KEYS) & set(saved)
+            if known != set(expected) and saved:
+                raise ValueError(
+                    f"load_state_dict: the parameter with id {pid} (shape {tuple(p.shape)}) has "
+                    f"state {sorted(known)}, but this optimizer expects {sorted(expected)} under "
+                    f"its options (beta1={group['beta1']!r}, use_ema={group['use_ema']!r}, "
+                    f"factor_dims={group['factor_dims']!r}). Load a state dict saved from the "
+                    "same model, param groups and options"
+                )
             restored: dict[str, Any] = {}
             for key, value in saved.items():
                 if not isinstance(value, Tensor) or key not in expected:
@@ -492,12 +505,6 @@ class Adafactor(Optimizer):
                     )
                 device = torch.device("cpu") if key == "step" else p.device
                 restored[key] = value.to(device=device, dtype=dtype, copy=True)
-            missing = [k for k in expected if k not in restored and k != "ema"]
-            if missing and "step" in restored:
-                raise ValueError(
-                    f"load_state_dict: the parameter with id {pid} (shape {tuple(p.shape)}) lacks "
-                    f"state {missing}; it was saved under other options (e.g. beta1 or factoring)"
-                )
             self.state[p] = restored
 
 
