@@ -15,6 +15,10 @@ from adafactor import FactorDims, factor_dims
         ((8, 4, 3, 3), "largest2", 0, (0, 1)),
         ((64, 64), "largest2", 0, (0, 1)),
         ((3, 5, 5), "largest2", 0, (1, 2)),  # ties: the later dims
+        ((12, 6, 6), "largest2", 0, (0, 2)),  # optax's argsort
+        ((12, 6, 6), "largest2_first", 0, (0, 1)),  # Mesh TF's stable sort
+        ((6, 6, 6), "largest2_first", 0, (0, 1)),
+        ((6, 6, 6), "largest2", 0, (1, 2)),
         ((64, 128), "largest2", 128, None),  # optax: the second largest must reach 128
         ((128, 512), "largest2", 128, (0, 1)),
         ((16, 1024), "last2", 16, (0, 1)),

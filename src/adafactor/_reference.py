@@ -119,6 +119,7 @@ class TensorStep:
     alpha: float | Tensor = 0.0  # step size alpha_t, set after pass 1
     update: Tensor | None = None  # U (or momentum-based numerator / sqrt(V_hat)), pass 2
     update_rms: Tensor | None = None  # RMS(U) before clipping, set after pass 2
+    row_var_mean: Tensor | None = None  # mean of R over rows; a sharded driver sets the reduced one
 
 
 def prepare(
@@ -226,7 +227,9 @@ def update_square_sum(ts: TensorStep) -> Tensor:
     if ts.dims is not None:
         row_var = state["row_var"].to(g.dtype)
         col_var = state["col_var"].to(g.dtype)
-        row_mean = row_var.mean(ts.dims.row_dim, keepdim=True)
+        row_mean = ts.row_var_mean
+        if row_mean is None:  # a shard's rows alone would give a local mean
+            row_mean = row_var.mean(ts.dims.row_dim, keepdim=True)
         if clamp:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
             v_hat = (row_var * col_var / row_mean.clamp(min=eps1)).clamp(min=eps1 * eps1)
         else:
@@ -274,8 +277,10 @@ def apply_update(ts: TensorStep, update_sq_sum: Tensor, generator: torch.Generat
     wd = group["weight_decay"]
     if wd:
         mode = group["weight_decay_mode"]
-        if mode in ("lr", "lr_before"):
+        if mode == "lr":  # torch.optim: x.mul_(1 - lr wd)
             x = x * (1 - ts.lr * wd)
+        elif mode == "lr_before":  # Keras: x - x wd lr (1 - 1e-5 would round in float32)
+            x = x - x * (ts.lr * wd)
         elif mode == "alpha":
             x = x - x * (ts.alpha * wd)
         else:  # "unscaled"

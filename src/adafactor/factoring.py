@@ -16,8 +16,8 @@ from typing import Literal, NamedTuple
 
 __all__ = ["FACTOR_POLICIES", "FactorDims", "factor_dims"]
 
-FactorPolicy = Literal["last2", "largest2", "matrix"]
-FACTOR_POLICIES: tuple[str, ...] = ("last2", "largest2", "matrix")
+FactorPolicy = Literal["last2", "largest2", "largest2_first", "matrix"]
+FACTOR_POLICIES: tuple[str, ...] = ("last2", "largest2", "largest2_first", "matrix")
 
 
 class FactorDims(NamedTuple):
@@ -39,8 +39,11 @@ def factor_dims(
 
     * ``"last2"``: the last two dims of any tensor of rank >= 2 (tf_keras, Keras 3, torch,
       transformers). A conv kernel ``[O, I, kh, kw]`` is factored over ``(kh, kw)``.
-    * ``"largest2"``: the two largest dims (optax, Mesh TF / T5, big_vision). Ties go to the later
-      dim as the largest, as in optax and timm.
+    * ``"largest2"``: the two largest dims; among equal sizes the later dim counts as larger
+      (optax's argsort, big_vision, timm).
+    * ``"largest2_first"``: the two largest dims; among equal sizes the earlier dim counts as
+      larger (Mesh TF's stable sort, as T5 used it). Differs from ``"largest2"`` only when the
+      second largest size is shared, e.g. ``(12, 6, 6)``.
     * ``"matrix"``: rank-2 tensors only; every other rank keeps a full second moment (Tensor2Tensor,
       the paper's Algorithms 4 and 5).
 
@@ -51,6 +54,8 @@ def factor_dims(
     FactorDims(row_dim=1, col_dim=2)
     >>> factor_dims((16, 4, 8), "largest2")
     FactorDims(row_dim=0, col_dim=2)
+    >>> factor_dims((12, 6, 6), "largest2"), factor_dims((12, 6, 6), "largest2_first")
+    (FactorDims(row_dim=0, col_dim=2), FactorDims(row_dim=0, col_dim=1))
     >>> factor_dims((64, 127), "largest2", min_dim_size_to_factor=128) is None
     True
     """
@@ -58,9 +63,9 @@ def factor_dims(
         return None
     if policy == "last2":
         dims = (len(shape) - 2, len(shape) - 1)
-    elif policy == "largest2":
-        # Stable sort by size: among equal sizes the later dim counts as larger.
-        order = sorted(range(len(shape)), key=lambda d: (shape[d], d))
+    elif policy in ("largest2", "largest2_first"):
+        tie = 1 if policy == "largest2" else -1  # which of two equal dims counts as larger
+        order = sorted(range(len(shape)), key=lambda d: (shape[d], tie * d))
         dims = tuple(sorted(order[-2:]))
     elif policy == "matrix":
         if len(shape) != 2:

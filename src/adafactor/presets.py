@@ -66,7 +66,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-2,
         "relative_step": True,
         "scale_parameter": True,
-        "factor_dims": "largest2",
+        "factor_dims": "largest2_first",
         "min_dim_size_to_factor": 128,
         "momentum": "update",
         "weight_decay_mode": "unscaled",
