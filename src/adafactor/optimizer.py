@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _reference as ref
+from . import distributed
 from ._validation import IMPLS, check_group, check_param
 from .factoring import factor_dims
 from .functional import adafactor_step
@@ -312,6 +313,8 @@ class Adafactor(Optimizer):
         )
         opt.name = name
         opt.mesh = mesh
+        if mesh is not None:
+            distributed.check_mesh([p for g in opt.param_groups for p in g["params"]], mesh)
         return opt
 
     # -----------------------------------------------------------------------------------------
@@ -366,6 +369,8 @@ class Adafactor(Optimizer):
                 state[key] = torch.zeros((), dtype=dtype)
             elif key == "ema":  # tf_keras starts the average at the weights' initial value
                 state[key] = p.detach().to(dtype=dtype, copy=True)
+            elif key not in state and distributed.has_dtensor([p]):  # shards laid out like p
+                state[key] = distributed.new_state_buffer(p, shape, dtype)
             elif key not in state:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         return state
@@ -411,8 +416,11 @@ class Adafactor(Optimizer):
         grads = [g for group, (_, gs) in zip(self.param_groups, work) for g in gs if g.numel()]
         if not grads:
             return None
-        norms = torch._foreach_norm([g.float() for g in grads])
-        sq_sum = torch.stack([n.square() for n in norms]).sum()
+        if distributed.has_dtensor(grads):  # local sums, one batched all-reduce
+            sq_sum = distributed.grad_square_sum(grads)
+        else:
+            norms = torch._foreach_norm([g.float() for g in grads])
+            sq_sum = torch.stack([n.square() for n in norms]).sum()
         assert self.global_clipnorm is not None
         return ref.norm_clip_factor(sq_sum, self.global_clipnorm)
 
@@ -504,7 +512,10 @@ class Adafactor(Optimizer):
                         "Load a state dict saved from the same model, param groups and options"
                     )
                 device = torch.device("cpu") if key == "step" else p.device
-                restored[key] = value.to(device=device, dtype=dtype, copy=True)
+                if key != "step" and distributed.has_dtensor([p]):  # keep p's sharding
+                    restored[key] = distributed.load_state_tensor(p, value, dtype)
+                else:
+                    restored[key] = value.to(device=device, dtype=dtype, copy=True)
             self.state[p] = restored
 
 
@@ -527,5 +538,7 @@ def _translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
+    if distributed.has_dtensor(tensors):  # every rank must skip the same steps
+        return distributed.all_finite(tensors)
     flags = torch.stack([torch.isfinite(t).all() for t in tensors])
     return bool(flags.all())
