@@ -25,9 +25,11 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
+# Multi-process (gloo) tests run on their own, so their ranks do not compete with xdist workers.
 test: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m pytest -q -n 2 -m "not distributed" tests
+	$(PY) -m pytest -q -m distributed tests/distributed
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

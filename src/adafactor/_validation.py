@@ -23,7 +23,7 @@ __all__ = [
 MOMENTUM_MODES = ("update", "normalized_update", "grad")
 WEIGHT_DECAY_MODES = ("lr", "lr_before", "alpha", "unscaled")
 EPS1_MODES = ("add", "clamp")
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "fused", "triton")
 
 
 def _number(name: str, value: Any) -> float:
@@ -252,8 +252,9 @@ def check_param(param: Tensor, where: str, factored: bool) -> None:
         raise ValueError(
             f"{where}: this is an FSDP1 flattened parameter (shape {tuple(param.shape)}). Its "
             "factored second moment would silently degrade to a 1-D one. Shard the model with "
-            "FSDP2 (torch.distributed.fsdp.fully_shard), which keeps parameter shapes, or pass "
-            "factored=False to use a full second moment on purpose"
+            "FSDP2 (torch.distributed.fsdp.fully_shard), which keeps parameter shapes and gives "
+            "the unsharded result, or pass factored=False to use a full second moment on purpose "
+            "(RMS(x) and update clipping then see only this rank's flat shard)"
         )
 
 

@@ -11,8 +11,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _fused_cpu
 from . import _reference as ref
 from ._validation import resolve_lr
+from .distributed import has_dtensor
+from .kernels import triton_module
 
 __all__ = ["GroupResult", "adafactor_step"]
 
@@ -39,6 +42,12 @@ def adafactor_step(
 
     ``global_grad_scale`` is the global_clipnorm factor shared by all tensors, if any.
     """
+    if has_dtensor(params):  # sharded parameters: local passes plus batched collectives
+        from .distributed.dtensor import sharded_adafactor_step
+
+        out = sharded_adafactor_step(params, grads, states, group, global_grad_scale, generator)
+        return GroupResult(*out)
+    use_fused = _use_fused(impl)
     alphas: list[Tensor] = []
     update_rms: list[Tensor] = []
     lr_t: float | Tensor = 0.0
@@ -47,14 +56,45 @@ def adafactor_step(
         lr_t = resolve_lr(group["lr"], int(state["step"].item()) - 1)
         if p.numel() == 0:
             continue
-        ts = ref.prepare(p, g, state, group, lr_t)
-        ref.adafactor_tensor_step(ts, global_grad_scale, generator)
-        assert ts.update_rms is not None
-        alphas.append(torch.as_tensor(ts.alpha, dtype=torch.float32))
-        update_rms.append(ts.update_rms.float())
+        if use_fused and _fused_cpu.supports(p, g, state):
+            alpha, rms = _fused_cpu.tensor_step(
+                p, g, state, group, lr_t, global_grad_scale, generator
+            )
+            alphas.append(torch.tensor(alpha, dtype=torch.float32))
+            update_rms.append(torch.tensor(rms, dtype=torch.float32))
+        elif impl == "triton" and global_grad_scale is None and _triton_ok(p, g, state, group):
+            alpha_t, rms_t = triton_module().tensor_step(p, g, state, group, lr_t)
+            alphas.append(alpha_t)
+            update_rms.append(rms_t)
+        else:
+            ts = ref.prepare(p, g, state, group, lr_t)
+            ref.adafactor_tensor_step(ts, global_grad_scale, generator)
+            assert ts.update_rms is not None
+            alphas.append(torch.as_tensor(ts.alpha, dtype=torch.float32))
+            update_rms.append(ts.update_rms.float())
         if group["use_ema"]:
             update_ema(p, state, group)
     return GroupResult(lr_t, alphas, update_rms)
+
+
+def _use_fused(impl: str) -> bool:
+    """impl='fused' insists on the C kernel (clear error if it cannot build); 'auto' uses it when it
+    builds, except while torch.compile traces (the traced reference stays graph-friendly)."""
+    if impl == "reference" or torch.compiler.is_compiling():
+        return False
+    if impl == "fused":
+        _fused_cpu.load()  # raises FusedUnavailableError naming the cause and the fix
+        return True
+    return _fused_cpu.available()
+
+
+def _triton_ok(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    # impl="triton" is opt-in until the kernels have been timed on a GPU; CUDA tensors only
+    return (
+        p.is_cuda
+        and not torch.compiler.is_compiling()
+        and triton_module().supports(p, g, state, group)
+    )
 
 
 def update_ema(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

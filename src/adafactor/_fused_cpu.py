@@ -1,0 +1,438 @@
+"""The fused CPU path: the reference's three passes as OpenMP C loops over each tensor.
+
+``csrc/adafactor_cpu.c`` is compiled at first use with the system C compiler (``$CC``, else
+``cc``/``gcc``) into ``$ADAFACTOR_CACHE_DIR`` (default ``~/.cache/adafactor``), keyed by a hash
+of the source, flags and CPU, and called through :mod:`ctypes` with data pointers: no torch
+headers, about one second to build, nothing to build at install time.
+
+Memory traffic per tensor (factored, no momentum): pass 1 reads g (and x for RMS(x)), pass 2
+reads g, pass 3 reads g and x and writes x. U is never stored: pass 3 recomputes it from g and the
+(small) factors, so the step allocates no full-size temporary (stochastic rounding draws one
+int32 noise tensor per parameter, to reuse the reference's random stream exactly).
+
+Numerics: element math in float32 like the reference; every sum accumulates in float64 over
+fixed segments added in order (thread-count independent). Differences from the reference are a
+few float32 ulps (e.g. ``g * (1/sqrt(R/mean R)) * (1/sqrt(C))`` for ``g * rsqrt(R/mean R * C)``).
+
+The three passes are separate entry points on a *local* tensor (:func:`prepare`,
+:func:`grad_square_sums`, :func:`finish_statistics`, :func:`update_square_sum`,
+:func:`apply_update`), mirroring :mod:`adafactor._reference`, so a sharded driver can all-reduce
+the pass-1 and pass-2 sums between them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _reference as ref
+from .factoring import FactorDims, factor_dims
+
+__all__ = [
+    "FusedStep",
+    "FusedUnavailableError",
+    "apply_update",
+    "available",
+    "finish_statistics",
+    "grad_square_sums",
+    "load",
+    "prepare",
+    "supports",
+    "tensor_step",
+    "update_square_sum",
+]
+
+_SOURCE = Path(__file__).parent / "csrc" / "adafactor_cpu.c"
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-ffp-contract=off",
+    "-fPIC",
+    "-shared",
+]
+_FLAGS += ["-fvisibility=hidden", "-std=c11"]
+_MODES = {(True, "add"): 0, (True, "clamp"): 1, (False, "add"): 2, (False, "clamp"): 3}
+_MOMENTUM = {None: 0, "grad": 1, "normalized_update": 2, "update": 3}
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+# Opt-in: reuse the sum of x^2 that pass 3 computed over the written parameter as the next step's
+# pass-1 sum (saves one read of x). Exact while the parameter is only changed by this optimizer or
+# by in-place ops that bump its version counter; ``p.data.copy_(...)`` does not bump it, so this
+# stays off by default.
+carry_param_sq = False
+_CARRY_ATTR = "_adafactor_param_sq"  # (data_ptr, version, sum x^2) kept on the parameter itself
+
+
+# Tensors with fewer elements run on one thread. Every parallel region costs a fork/join, and on
+# a loaded machine waking the second thread costs a scheduler time slice (~ms): at 32768 a
+# GPT-2-small step opened ~450 regions and took ~1.2 s under load (0.07-0.2 s at 2^20).
+parallel_min_numel = 1 << 20
+
+
+class FusedUnavailableError(RuntimeError):
+    """The C kernel could not be built or loaded (no compiler, no OpenMP, ...)."""
+
+
+class _Args(ctypes.Structure):
+    # Mirrors ``Args`` in csrc/adafactor_cpu.c field for field.
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("g", "x", "m", "v", "noise", "row", "col")),
+        *((name, ctypes.c_void_p) for name in ("rstate", "cstate", "fr", "fc", "rm")),
+        *((name, ctypes.c_int64) for name in ("numel", "R", "B", "C", "D", "par_min")),
+        *(
+            (name, ctypes.c_float)
+            for name in (
+                "sign",
+                "clipv",
+                "scale",
+                "eps1",
+                "eps_sq",
+                "w2",
+                "w1",
+                "row_k",
+                "col_k",
+                "inv_clip",
+                "alpha",
+                "f1",
+                "f2",
+            )
+        ),
+        *((name, ctypes.c_int) for name in ("mode", "dt", "mdt", "mom", "want_x", "carry_x", "nt")),
+        ("out", ctypes.c_double * 3),
+    ]
+
+
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+_lock = threading.Lock()
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another CPU sharing the cache directory.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build(cc: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + " ".join([cc, *_FLAGS]).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("ADAFACTOR_CACHE_DIR", Path.home() / ".cache" / "adafactor"))
+    target = cache / f"adafactor_cpu_{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise FusedUnavailableError(
+                f"compiling {_SOURCE.name} with {cc!r} failed:\n{result.stderr.strip()[-2000:]}"
+            )
+        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL:
+    """The compiled kernel library, building it on first use; raises FusedUnavailableError."""
+    global _lib, _lib_error
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _lib_error is None:
+            try:
+                cc = _compiler()
+                if cc is None:
+                    raise FusedUnavailableError(
+                        "no C compiler found (tried $CC, cc, gcc, clang); install gcc, or set "
+                        "CC=/path/to/compiler, or use impl='reference'"
+                    )
+                lib = ctypes.CDLL(str(_build(cc)))
+                for name in ("af_stats", "af_finish_factors", "af_update_sq", "af_apply"):
+                    fn = getattr(lib, name)
+                    fn.argtypes = [ctypes.POINTER(_Args)]
+                    fn.restype = None
+                _lib = lib
+            except (OSError, FusedUnavailableError) as exc:
+                _lib_error = str(exc)
+        if _lib is None:
+            raise FusedUnavailableError(
+                f"impl='fused' is unavailable: {_lib_error}. Use impl='reference' or "
+                "impl='auto' (falls back to the reference)"
+            )
+        return _lib
+
+
+def available() -> bool:
+    """Whether the C kernel builds and loads here (the result is cached for the process).
+
+    The first failure warns once: impl='auto' then runs the (slower) reference path."""
+    if _lib is not None:
+        return True
+    first = _lib_error is None
+    try:
+        load()
+    except FusedUnavailableError as exc:
+        if first:
+            warnings.warn(f"{exc}; falling back to the reference path", RuntimeWarning, 2)
+        return False
+    return True
+
+
+def supports(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
+    """Whether the fused path handles this tensor (else the caller uses the reference)."""
+    if type(param) is not torch.Tensor and not isinstance(param, torch.nn.Parameter):
+        return False  # tensor subclasses (DTensor, ...) take the reference path
+    if param.device.type != "cpu" or param.dtype not in _DTYPES or grad.dtype != param.dtype:
+        return False
+    if grad.device.type != "cpu" or grad.is_sparse:
+        return False
+    if not (param.is_contiguous() and grad.is_contiguous()):
+        return False
+    for key in ("row_var", "col_var", "variance"):
+        t = state.get(key)
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            return False
+    m = state.get("exp_avg")
+    return m is None or (m.dtype in _DTYPES and m.is_contiguous())
+
+
+class FusedStep:
+    """One tensor's step on the fused path: the C argument block and the scalars between passes."""
+
+    __slots__ = (
+        "alpha",
+        "args",
+        "dims",
+        "grad_scale",
+        "grad_sq",
+        "group",
+        "keep",
+        "lr",
+        "numel",
+        "param",
+        "param_sq",
+        "rho",
+        "shape",
+        "state",
+        "update_rms",
+    )
+
+    def __init__(self) -> None:
+        self.keep: list[Tensor] = []  # tensors whose pointers the argument block holds
+
+
+def _lr_float(lr: float | Tensor) -> float:
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+def prepare(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    lr: float | Tensor,
+    shape: tuple[int, ...] | None = None,
+) -> FusedStep:
+    """Resolve the step's scalars and pointers (``state['step']`` already incremented).
+
+    ``param``/``grad`` are the local contiguous tensors; ``shape`` is the unsharded shape (used
+    for the factoring decision and the element count of the RMS).
+    """
+    fs = FusedStep()
+    fs.param, fs.state, fs.group = param, state, group
+    fs.shape = tuple(param.shape) if shape is None else tuple(shape)
+    fs.numel = math.prod(fs.shape)
+    t = int(state["step"].item())
+    fs.lr = _lr_float(lr)
+    beta2 = ref.beta2_at(t, group["beta2_decay"], group["beta2_cap"], group["beta2"])
+    fs.rho = float(ref.relative_step_size(fs.lr, t, group["relative_step"], group["warmup_init"]))
+    fs.dims = factor_dims(
+        fs.shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
+    )
+    eps1 = group["eps1"]
+    eps1 = torch.finfo(param.dtype).eps if eps1 is None else float(eps1)
+    a = _Args()
+    a.g, a.x = grad.data_ptr(), param.data_ptr()
+    a.numel = param.numel()
+    a.sign = -1.0 if group["maximize"] else 1.0
+    a.clipv = math.inf if group["clipvalue"] is None else group["clipvalue"]
+    a.eps1, a.eps_sq = eps1, eps1 * eps1
+    a.w2 = 1.0 - beta2
+    momentum = group["momentum"] if group["beta1"] else None
+    a.mom = _MOMENTUM[momentum]
+    if momentum is not None:
+        m = state["exp_avg"]
+        a.m, a.mdt = m.data_ptr(), _DTYPES[m.dtype]
+        a.w1 = 1.0 - group["beta1"]
+    a.dt = _DTYPES[param.dtype]
+    a.mode = _MODES[(fs.dims is not None, group["eps1_mode"])]
+    a.R = a.B = a.C = a.D = 1
+    a.nt, a.par_min = torch.get_num_threads(), parallel_min_numel
+    if fs.dims is not None:
+        _, a.R, a.B, a.C, a.D = factor_layout(tuple(param.shape), fs.dims)
+        row = torch.empty(state["row_var"].numel(), dtype=torch.float64)
+        col = torch.empty(state["col_var"].numel(), dtype=torch.float64)
+        fr = torch.empty(row.numel(), dtype=torch.float32)
+        fc = torch.empty(col.numel(), dtype=torch.float32)
+        fs.keep += [row, col, fr, fc]
+        a.row, a.col, a.fr, a.fc = row.data_ptr(), col.data_ptr(), fr.data_ptr(), fc.data_ptr()
+        a.rstate, a.cstate = state["row_var"].data_ptr(), state["col_var"].data_ptr()
+        if group["eps1_mode"] == "clamp":
+            rm = torch.empty(row.numel(), dtype=torch.float32)
+            fs.keep.append(rm)
+            a.rm = rm.data_ptr()
+    else:
+        a.v = state["variance"].data_ptr()
+    fs.args = a
+    fs.grad_scale = 1.0
+    return fs
+
+
+def grad_square_sums(fs: FusedStep) -> tuple[Tensor | None, Tensor | None, float, float]:
+    """Pass 1 (local): row sums and col sums of g^2 (float64, flat in row_var / col_var order,
+    or None when unfactored), the sum of g^2 and the sum of x^2."""
+    a, lib = fs.args, load()
+    need_x = fs.group["scale_parameter"]
+    cached = getattr(fs.param, _CARRY_ATTR, None) if carry_param_sq and need_x else None
+    p = fs.param
+    hit = cached is not None and cached[:2] == (p.data_ptr(), p._version)
+    a.want_x = int(need_x and not hit)
+    lib.af_stats(ctypes.byref(a))
+    fs.grad_sq = a.out[0]
+    fs.param_sq = cached[2] if hit else a.out[1]  # type: ignore[index]
+    if fs.dims is None:
+        return None, None, fs.grad_sq, fs.param_sq
+    return fs.keep[0], fs.keep[1], fs.grad_sq, fs.param_sq
+
+
+def finish_statistics(
+    fs: FusedStep,
+    global_grad_scale: Tensor | float | None = None,
+    grad_sq: float | None = None,
+    param_sq: float | None = None,
+) -> None:
+    """Between passes 1 and 2: clip factor, alpha, R and C. Pass all-reduced ``grad_sq`` /
+    ``param_sq`` (and write reduced row/col sums into the pass-1 tensors) when sharded."""
+    group, a = fs.group, fs.args
+    grad_sq = fs.grad_sq if grad_sq is None else grad_sq
+    param_sq = fs.param_sq if param_sq is None else param_sq
+    if group["clipnorm"] is not None:
+        fs.grad_scale = group["clipnorm"] / max(math.sqrt(grad_sq), group["clipnorm"])
+    elif global_grad_scale is not None:
+        fs.grad_scale = _lr_float(global_grad_scale)
+    a.scale = fs.grad_scale
+    fs.alpha = fs.rho
+    if group["scale_parameter"]:
+        rms = math.sqrt(param_sq / max(fs.numel, 1))
+        if group["weight_decay_mode"] == "lr_before" and group["weight_decay"]:
+            rms *= abs(1 - fs.lr * group["weight_decay"])
+        fs.alpha = max(rms, group["eps2"]) * fs.rho
+    if fs.dims is not None:
+        scale_sq = fs.grad_scale * fs.grad_scale
+        a.row_k = scale_sq / fs.shape[fs.dims.col_dim]
+        a.col_k = scale_sq / fs.shape[fs.dims.row_dim]
+        load().af_finish_factors(ctypes.byref(a))
+
+
+def update_square_sum(fs: FusedStep) -> float:
+    """Pass 2 (local): update V (and the 'grad' momentum); return the local sum of U^2."""
+    a = fs.args
+    load().af_update_sq(ctypes.byref(a))
+    return a.out[2]
+
+
+def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator | None) -> None:
+    """Pass 3 (local): clip U by RMS(U) (from the all-reduced ``update_sq_sum``), momentum,
+    weight decay, write the parameter."""
+    group, a, p = fs.group, fs.args, fs.param
+    fs.update_rms = math.sqrt(update_sq_sum / max(fs.numel, 1))
+    d = group["clip_threshold"]
+    a.inv_clip = 1.0 / max(1.0, fs.update_rms / d) if d is not None else 1.0
+    if math.isnan(fs.update_rms) and d is not None:  # as the reference: NaN spreads to all of x
+        a.inv_clip = math.nan
+    a.alpha = fs.alpha
+    wd, mode = group["weight_decay"], group["weight_decay_mode"]
+    a.f1, a.f2 = 1.0, 0.0
+    if wd:
+        if mode == "lr":
+            a.f1 = 1 - fs.lr * wd
+        elif mode == "lr_before":  # Keras: x - x (lr wd); 1 - 1e-5 would round in float32
+            a.f2 = fs.lr * wd
+        elif mode == "alpha":
+            a.f2 = fs.alpha * wd
+        else:
+            a.f2 = wd
+    if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+        noise = torch.randint(
+            0, 1 << 16, p.shape, dtype=torch.int32, device=p.device, generator=generator
+        )
+        fs.keep.append(noise)
+        a.noise = noise.data_ptr()
+    carry = carry_param_sq and group["scale_parameter"] and p.numel() == fs.numel
+    a.carry_x = int(carry)
+    load().af_apply(ctypes.byref(a))
+    if carry:
+        setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, a.out[1]))
+
+
+def tensor_step(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    lr: float | Tensor,
+    global_grad_scale: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """All three passes on one unsharded tensor; returns (alpha_t, RMS(U))."""
+    fs = prepare(param, grad, state, group, lr)
+    grad_square_sums(fs)
+    finish_statistics(fs, global_grad_scale)
+    apply_update(fs, update_square_sum(fs), generator)
+    return fs.alpha, fs.update_rms
+
+
+def factor_layout(shape: tuple[int, ...], dims: FactorDims) -> tuple[int, int, int, int, int]:
+    """The [A, R, B, C, D] view of ``shape`` the kernel iterates (R, C: the factored dims)."""
+    r, c = dims
+    return (
+        math.prod(shape[:r]),
+        shape[r],
+        math.prod(shape[r + 1 : c]),
+        shape[c],
+        math.prod(shape[c + 1 :]),
+    )

@@ -1,0 +1,182 @@
+"""``adafactor demo``: train a byte-level Transformer with Adafactor beside AdamW and compare.
+
+Both optimizers train the same initial model on the same batches in the same order. Adafactor
+runs with the paper's defaults (``preset="paper"``); AdamW runs as people tune it for small
+language models: peak lr 4e-3 after a 5% linear warmup, cosine decay to 10% of the peak, weight
+decay 0.01 and gradient-norm clipping at 1. The demo prints a table, writes ``results.json``,
+``table.md`` and ``loss_curves.png`` into ``--output``, and reports whether Adafactor's final
+validation loss is within 3% of AdamW's (the paper's claim that Adafactor matches Adam).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from adafactor import Adafactor
+
+from ._data import DataError, load_corpus
+from ._model import MODEL_SIZES
+from ._report import error, fmt_bytes, fmt_loss, markdown_table, plot_curves, run_record, write_json
+from ._train import OptimizerSpec, RunResult, add_common_arguments, setup_device, train_run
+
+__all__ = ["add_arguments", "run"]
+
+QUALITY_TARGET = 1.03  # Adafactor's final validation loss at most 3% above AdamW's
+ADAMW_PEAK_LR = 4e-3
+
+
+def _adafactor(model: nn.Module, steps: int) -> tuple[Optimizer, LRScheduler | None]:
+    return Adafactor(model.parameters(), preset="paper"), None
+
+
+def adamw_schedule(step: int, steps: int) -> float:
+    """Multiplier of the peak lr at 0-based ``step``: linear warmup, then cosine to 10%."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _adamw(model: nn.Module, steps: int) -> tuple[Optimizer, LRScheduler | None]:
+    optimizer = AdamW(model.parameters(), lr=ADAMW_PEAK_LR, weight_decay=0.01)
+    return optimizer, LambdaLR(optimizer, lambda step: adamw_schedule(step, steps))
+
+
+OPTIMIZERS = {
+    "adafactor": OptimizerSpec("adafactor", _adafactor),
+    "adamw": OptimizerSpec("adamw", _adamw, grad_clip_norm=1.0),
+}
+
+
+def _optimizer_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(OPTIMIZERS)} (comma-separated)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, steps=2000, size="small", output="runs/demo")
+    parser.add_argument(
+        "--optimizers",
+        type=_optimizer_list,
+        default=list(OPTIMIZERS),
+        metavar="NAMES",
+        help="comma-separated optimizers to train (default adafactor,adamw)",
+    )
+
+
+def _table(results: list[RunResult]) -> str:
+    header = ["optimizer", "train loss", "val loss", "val bits/byte", "step ms", "tokens/s"]
+    header += ["optimizer state", "peak memory", "status"]
+    rows = [
+        [
+            r.name,
+            fmt_loss(r.final_train_loss),
+            fmt_loss(r.final_val_loss),
+            fmt_loss(r.val_bits_per_byte),
+            f"{r.step_time_s * 1e3:.1f}",
+            f"{r.tokens_per_s:.0f}",
+            fmt_bytes(r.state_bytes),
+            fmt_bytes(r.peak_memory_bytes),
+            f"diverged at step {r.diverged_at}" if r.diverged else "ok",
+        ]
+        for r in results
+    ]
+    return markdown_table(header, rows)
+
+
+def _comparison(by_name: dict[str, RunResult]) -> tuple[dict[str, Any], list[str]]:
+    """The quality target and the state ratio, as JSON fields and as printed lines."""
+    if not {"adafactor", "adamw"} <= by_name.keys():
+        return {}, []
+    ada, adamw = by_name["adafactor"], by_name["adamw"]
+    loss_ratio = ada.final_val_loss / adamw.final_val_loss
+    state_ratio = ada.state_bytes / adamw.state_bytes
+    passed = bool(loss_ratio <= QUALITY_TARGET) and not ada.diverged
+    verdict = "PASS" if passed else "FAIL"
+    lines = [
+        f"quality target: {verdict}: Adafactor val loss / AdamW val loss = {loss_ratio:.4f} "
+        f"(target <= {QUALITY_TARGET})",
+        f"optimizer state: Adafactor / AdamW = {state_ratio:.4f} (1/{1 / state_ratio:.0f})",
+    ]
+    fields = {
+        "val_loss_ratio": loss_ratio,
+        "target": QUALITY_TARGET,
+        "passed": passed,
+        "state_ratio": state_ratio,
+    }
+    return fields, lines
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    device = setup_device(args.device, args.threads)
+    size = MODEL_SIZES[args.model_size]
+    corpus = load_corpus(args.data, size.context)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    print(
+        f"data: {corpus.source}: {corpus.files} files, {len(corpus.train)} train bytes, "
+        f"{len(corpus.val)} validation bytes"
+    )
+    results = [
+        train_run(OPTIMIZERS[name], size, corpus, steps=args.steps, seed=args.seed, device=device)
+        for name in args.optimizers
+    ]
+    table = _table(results)
+    comparison, lines = _comparison({r.name: r for r in results})
+    params = results[0].param_count
+    print(f"\nmodel {args.model_size}: {params} parameters, {args.steps} steps on {device}\n")
+    print(table + "\n")
+    print("\n".join(lines))
+    (output / "table.md").write_text(table + "\n\n" + "\n".join(lines) + "\n")
+    plot_curves(results, output / "loss_curves.png", f"byte-level LM, {args.model_size} model")
+    config = {
+        "steps": args.steps,
+        "model_size": args.model_size,
+        "model": asdict(size),
+        "parameters": params,
+        "seed": args.seed,
+        "device": str(device),
+        "threads": args.threads,
+        "data": corpus.source,
+        "files": corpus.files,
+        "train_bytes": len(corpus.train),
+        "val_bytes": len(corpus.val),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    payload = {
+        "command": "demo",
+        "config": config,
+        "runs": {r.name: run_record(r) for r in results},
+        "comparison": comparison,
+        "total_wall_s": time.perf_counter() - started,
+    }
+    write_json(output / "results.json", payload)
+    print(f"wrote {output / 'results.json'}, {output / 'table.md'}, {output / 'loss_curves.png'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (DataError, ValueError, ModuleNotFoundError, OSError) as exc:
+        return error("demo", str(exc))
