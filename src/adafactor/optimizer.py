@@ -172,7 +172,9 @@ class Adafactor(Optimizer):
         stochastic_rounding: round bf16 parameters stochastically when writing them back.
         skip_nonfinite: skip the whole group's step (no state change) when any of its gradients
             holds inf or NaN, and count it in ``group["skipped_steps"]``. Costs one host sync.
-        impl: ``"auto"`` (the fastest available path) or ``"reference"`` (the readable math).
+        impl: ``"auto"`` (the fastest available path: the fused CPU kernel when it builds),
+            ``"reference"`` (the readable math), ``"fused"`` (the CPU kernel, or a clear error),
+            ``"triton"`` (CUDA kernels, experimental).
         generator: random generator for stochastic rounding (for reproducible runs).
 
     After each step, :attr:`last_step_stats` holds one :class:`StepStats` per param group.
