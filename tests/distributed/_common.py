@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ VOCAB, DIM, HEADS, SEQ, BATCH = 13, 32, 4, 8, 4  # 13 rows: uneven over 2 and 4 
 
 
 def _entry(rank: int, world: int, init_file: str, fn: Callable[..., None], args: tuple) -> None:
+    faulthandler.enable()  # a native abort prints the Python stack of every thread
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -26,6 +29,11 @@ def _entry(rank: int, world: int, init_file: str, fn: Callable[..., None], args:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown once the work has passed: gloo worker threads still alive there
+    # can abort the process (seen once in CI as SIGABRT after the scenarios had run).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable[..., None], world: int, tmp_path: Path, *args: Any) -> None:
