@@ -68,6 +68,7 @@ _FLAGS = [
 _FLAGS += ["-fvisibility=hidden", "-std=c11"]
 _MODES = {(True, "add"): 0, (True, "clamp"): 1, (False, "add"): 2, (False, "clamp"): 3}
 _MOMENTUM = {None: 0, "grad": 1, "normalized_update": 2, "update": 3}
+_X_FUSED, _X_SUMSQ = 1, 2  # Args.want_x: how pass 1 sums x^2 (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 # Opt-in: reuse the sum of x^2 that pass 3 computed over the written parameter as the next step's
@@ -330,7 +331,8 @@ def grad_square_sums(fs: FusedStep) -> tuple[Tensor | None, Tensor | None, float
     cached = getattr(fs.param, _CARRY_ATTR, None) if carry_param_sq and need_x else None
     p = fs.param
     hit = cached is not None and cached[:2] == (p.data_ptr(), p._version)
-    a.want_x = int(need_x and not hit)
+    # with the carry on, pass 1 sums x^2 in pass 3's order, so carried and fresh sums agree
+    a.want_x = 0 if not need_x or hit else (_X_SUMSQ if carry_param_sq else _X_FUSED)
     lib.af_stats(ctypes.byref(a))
     fs.grad_sq = a.out[0]
     fs.param_sq = cached[2] if hit else a.out[1]  # type: ignore[index]

@@ -24,8 +24,8 @@ class GroupResult(NamedTuple):
     """Per-tensor diagnostics of one group's step (device tensors; no host sync to build)."""
 
     lr: float | Tensor  # lr_t of the step
-    alphas: list[Tensor]  # alpha_t of each tensor that was stepped
-    update_rms: list[Tensor]  # RMS(U) before clipping, same order
+    alphas: list[Tensor | float]  # alpha_t of each tensor that was stepped (float: host value)
+    update_rms: list[Tensor | float]  # RMS(U) before clipping, same order
 
 
 def adafactor_step(
@@ -48,8 +48,8 @@ def adafactor_step(
         out = sharded_adafactor_step(params, grads, states, group, global_grad_scale, generator)
         return GroupResult(*out)
     use_fused = _use_fused(impl)
-    alphas: list[Tensor] = []
-    update_rms: list[Tensor] = []
+    alphas: list[Tensor | float] = []
+    update_rms: list[Tensor | float] = []
     lr_t: float | Tensor = 0.0
     for p, g, state in zip(params, grads, states):
         state["step"] += 1
@@ -60,8 +60,8 @@ def adafactor_step(
             alpha, rms = _fused_cpu.tensor_step(
                 p, g, state, group, lr_t, global_grad_scale, generator
             )
-            alphas.append(torch.tensor(alpha, dtype=torch.float32))
-            update_rms.append(torch.tensor(rms, dtype=torch.float32))
+            alphas.append(alpha)
+            update_rms.append(rms)
         elif impl == "triton" and global_grad_scale is None and _triton_ok(p, g, state, group):
             alpha_t, rms_t = triton_module().tensor_step(p, g, state, group, lr_t)
             alphas.append(alpha_t)

@@ -445,10 +445,10 @@ class Adafactor(Optimizer):
         )
         if not result.alphas:
             return None
-        rms = torch.stack(result.update_rms)
+        rms = _stack(result.update_rms)
         threshold = group["clip_threshold"]
         clipped = rms > threshold if threshold is not None else torch.zeros_like(rms, dtype=bool)
-        return StepStats(result.lr, torch.stack(result.alphas), rms, clipped)
+        return StepStats(result.lr, _stack(result.alphas), rms, clipped)
 
     def finalize_variable_values(self) -> None:
         """Write the EMA of the weights into the parameters (Keras' end-of-training call)."""
@@ -544,3 +544,10 @@ def _all_finite(tensors: list[Tensor]) -> bool:
         return distributed.all_finite(tensors)
     flags = torch.stack([torch.isfinite(t).all() for t in tensors])
     return bool(flags.all())
+
+
+def _stack(values: list[Tensor | float]) -> Tensor:
+    """One float32 tensor of per-tensor stats: host floats (fused path) in one call, else stack."""
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(values, dtype=torch.float32)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])

@@ -30,6 +30,8 @@ typedef long long i64;
 enum { MODE_FACT_ADD = 0, MODE_FACT_CLAMP = 1, MODE_FULL_ADD = 2, MODE_FULL_CLAMP = 3 };
 /* momentum kind: what the first moment averages, and its storage dtype */
 enum { MOM_NONE = 0, MOM_GRAD = 1, MOM_NORM = 2, MOM_UPD = 3 };
+/* pass 1's sum of x^2: none; fused into the loop over g; or by sumsq, in pass 3's order (carry) */
+enum { X_NONE = 0, X_FUSED = 1, X_SUMSQ = 2 };
 
 typedef struct {
     const void *g;    /* gradient, dtype dt */
@@ -79,7 +81,27 @@ AI void stf(void *p, i64 i, int bf, float v) {
     else
         ((float *)p)[i] = v;
 }
-AI float rnd(float v, int bf) { return bf ? bf2f(f2bf(v)) : v; }
+/* v rounded to the nearest bf16 (even on ties), kept in float32: no 16-bit narrowing per call */
+AI float rnd(float v, int bf) {
+    if (!bf) return v;
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+    r = (b & 0x7fffffffu) > 0x7f800000u ? (b & 0xffff0000u) | 0x00400000u : r;
+    float out;
+    memcpy(&out, &r, 4);
+    return out;
+}
+/* store a value already rounded by rnd: for bf16 the low half is zero, truncation is exact */
+AI void st_rounded(void *p, i64 i, int bf, float v) {
+    if (bf) {
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        ((uint16_t *)p)[i] = (uint16_t)(b >> 16);
+    } else {
+        ((float *)p)[i] = v;
+    }
+}
 /* torch's vectorised lerp: fmadd(w, b - a, a) for |w| < 0.5, else fmadd(w - 1, b - a, b) */
 AI float lerp(float a, float b, float w) {
     int small = fabsf(w) < 0.5f;
@@ -91,24 +113,14 @@ AI float gprep(float g, float sign, float clipv) {
 }
 
 /* Sum of squares of one run; noinline so pass 1 and pass 3 add in exactly the same order.
- * 32 independent float64 lanes (four vector chains): with one accumulator the add latency, not
- * memory, bounded the loop (3 ms instead of 1 ms for 16M floats). */
-#define LANES 32
+ * One omp simd reduction per run: an array of float64 lanes looked faster on one long run but
+ * doubled the time on the 768-element rows of an embedding (the lanes' setup and final sum). */
 #define SUMSQ_BODY(LOAD)                                                                       \
-    double lanes[LANES] = {0.0};                                                               \
-    i64 j = 0;                                                                                 \
-    for (; j + LANES <= n; j += LANES) {                                                       \
-        _Pragma("omp simd") for (int k = 0; k < LANES; k++) {                                  \
-            double v = (double)(LOAD(j + k));                                                  \
-            lanes[k] += v * v;                                                                 \
-        }                                                                                      \
-    }                                                                                          \
-    for (int k = 0; j < n; j++, k++) {                                                         \
-        double v = (double)(LOAD(j));                                                          \
-        lanes[k] += v * v;                                                                     \
-    }                                                                                          \
     double acc = 0.0;                                                                          \
-    for (int k = 0; k < LANES; k++) acc += lanes[k];                                           \
+    _Pragma("omp simd reduction(+ : acc)") for (i64 j = 0; j < n; j++) {                      \
+        double v = (double)(LOAD(j));                                                          \
+        acc += v * v;                                                                          \
+    }                                                                                          \
     return acc;
 
 #define LOAD_F32(i) p[i]
@@ -188,20 +200,34 @@ AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restr
                      double *segg, double *segx) {
     float *restrict fbuf = (float *)calloc((size_t)L, sizeof(float));
     const void *restrict g = a->g;
+    const void *restrict x = a->x;
     const float sign = a->sign, clipv = a->clipv;
     for (i64 s = lo; s < hi; s++) {
         const i64 off = s * L;
-        double acc = 0.0;
+        double acc = 0.0, accx = 0.0;
+        if (a->want_x == X_FUSED) { /* one loop over g and x: two streams in step, read once */
+#pragma omp simd reduction(+ : acc, accx)
+            for (i64 j = 0; j < L; j++) {
+                float gv = gprep(ldf(g, off + j, bf), sign, clipv);
+                float q = gv * gv;
+                fbuf[j] += q;
+                acc += (double)q;
+                double xv = (double)ldf(x, off + j, bf);
+                accx += xv * xv;
+            }
+            segx[s] = accx;
+        } else {
 #pragma omp simd reduction(+ : acc)
-        for (i64 j = 0; j < L; j++) {
-            float gv = gprep(ldf(g, off + j, bf), sign, clipv);
-            float q = gv * gv;
-            fbuf[j] += q;
-            acc += (double)q;
+            for (i64 j = 0; j < L; j++) {
+                float gv = gprep(ldf(g, off + j, bf), sign, clipv);
+                float q = gv * gv;
+                fbuf[j] += q;
+                acc += (double)q;
+            }
+            if (a->want_x == X_SUMSQ) segx[s] = sumsq(x, off, L, bf);
         }
         a->row[s] = acc;
         segg[s] = acc;
-        if (a->want_x) segx[s] = sumsq(a->x, off, L, bf);
         if ((s - lo) % FLUSH == FLUSH - 1 || s == hi - 1) {
 #pragma omp simd
             for (i64 j = 0; j < L; j++) {
@@ -334,7 +360,7 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
         if (MOM == MOM_GRAD) {
             if (PASS == 2) {
                 num = rnd(lerp(ldf(m, i, mbf), rnd(gs, mbf), w1), mbf);
-                stf(m, i, mbf, num);
+                st_rounded(m, i, mbf, num);
             } else {
                 num = ldf(m, i, mbf);
             }
@@ -362,12 +388,12 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
             float upd = u * inv_clip;
             if (MOM == MOM_NORM) {
                 upd = rnd(lerp(ldf(m, i, mbf), rnd(upd, mbf), w1), mbf);
-                stf(m, i, mbf, upd);
+                st_rounded(m, i, mbf, upd);
             }
             upd = upd * alpha;
             if (MOM == MOM_UPD) {
                 upd = rnd(lerp(ldf(m, i, mbf), rnd(upd, mbf), w1), mbf);
-                stf(m, i, mbf, upd);
+                st_rounded(m, i, mbf, upd);
             }
             const float xv = ldf(x, i, bf);
             float xn = (xv * f1 - xv * f2) - upd;
