@@ -46,6 +46,7 @@ __all__ = [
     "FusedUnavailableError",
     "apply_update",
     "available",
+    "factor_scales",
     "finish_statistics",
     "grad_square_sums",
     "load",
@@ -68,6 +69,7 @@ _FLAGS = [
 _FLAGS += ["-fvisibility=hidden", "-std=c11"]
 _MODES = {(True, "add"): 0, (True, "clamp"): 1, (False, "add"): 2, (False, "clamp"): 3}
 _MOMENTUM = {None: 0, "grad": 1, "normalized_update": 2, "update": 3}
+_ENTRY_POINTS = ("af_stats", "af_update_factors", "af_factor_scales", "af_update_sq", "af_apply")
 _X_FUSED, _X_SUMSQ = 1, 2  # Args.want_x: how pass 1 sums x^2 (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -93,8 +95,11 @@ class _Args(ctypes.Structure):
     # Mirrors ``Args`` in csrc/adafactor_cpu.c field for field.
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("g", "x", "m", "v", "noise", "row", "col")),
-        *((name, ctypes.c_void_p) for name in ("rstate", "cstate", "fr", "fc", "rm")),
-        *((name, ctypes.c_int64) for name in ("numel", "R", "B", "C", "D", "par_min")),
+        *((name, ctypes.c_void_p) for name in ("rstate", "cstate", "fr", "fc", "rm", "rsum")),
+        *(
+            (name, ctypes.c_int64)
+            for name in ("numel", "R", "B", "C", "D", "rows_total", "par_min")
+        ),
         *(
             (name, ctypes.c_float)
             for name in (
@@ -182,7 +187,7 @@ def load() -> ctypes.CDLL:
                         "CC=/path/to/compiler, or use impl='reference'"
                     )
                 lib = ctypes.CDLL(str(_build(cc)))
-                for name in ("af_stats", "af_finish_factors", "af_update_sq", "af_apply"):
+                for name in _ENTRY_POINTS:
                     fn = getattr(lib, name)
                     fn.argtypes = [ctypes.POINTER(_Args)]
                     fn.restype = None
@@ -307,10 +312,12 @@ def prepare(
         _, a.R, a.B, a.C, a.D = factor_layout(tuple(param.shape), fs.dims)
         row = torch.empty(state["row_var"].numel(), dtype=torch.float64)
         col = torch.empty(state["col_var"].numel(), dtype=torch.float64)
+        rsum = torch.empty(row.numel() // a.R, dtype=torch.float64)
         fr = torch.empty(row.numel(), dtype=torch.float32)
         fc = torch.empty(col.numel(), dtype=torch.float32)
-        fs.keep += [row, col, fr, fc]
+        fs.keep += [row, col, rsum, fr, fc]
         a.row, a.col, a.fr, a.fc = row.data_ptr(), col.data_ptr(), fr.data_ptr(), fc.data_ptr()
+        a.rsum, a.rows_total = rsum.data_ptr(), fs.shape[fs.dims.row_dim]
         a.rstate, a.cstate = state["row_var"].data_ptr(), state["col_var"].data_ptr()
         if group["eps1_mode"] == "clamp":
             rm = torch.empty(row.numel(), dtype=torch.float32)
@@ -346,9 +353,12 @@ def finish_statistics(
     global_grad_scale: Tensor | float | None = None,
     grad_sq: float | None = None,
     param_sq: float | None = None,
-) -> None:
+) -> Tensor | None:
     """Between passes 1 and 2: clip factor, alpha, R and C. Pass all-reduced ``grad_sq`` /
-    ``param_sq`` (and write reduced row/col sums into the pass-1 tensors) when sharded."""
+    ``param_sq`` (and write reduced row/col sums into the pass-1 tensors) when sharded.
+
+    Returns the sum of R over the (local) rows per factored slice, float64, or None when
+    unfactored: a sharded caller all-reduces it in place before :func:`factor_scales`."""
     group, a = fs.group, fs.args
     grad_sq = fs.grad_sq if grad_sq is None else grad_sq
     param_sq = fs.param_sq if param_sq is None else param_sq
@@ -367,7 +377,15 @@ def finish_statistics(
         scale_sq = fs.grad_scale * fs.grad_scale
         a.row_k = scale_sq / fs.shape[fs.dims.col_dim]
         a.col_k = scale_sq / fs.shape[fs.dims.row_dim]
-        load().af_finish_factors(ctypes.byref(a))
+        load().af_update_factors(ctypes.byref(a))
+        return fs.keep[2]
+    return None
+
+
+def factor_scales(fs: FusedStep) -> None:
+    """The per-row and per-column factors of passes 2-3 from R, C and the row sums of R."""
+    if fs.dims is not None:
+        load().af_factor_scales(ctypes.byref(fs.args))
 
 
 def update_square_sum(fs: FusedStep) -> float:
@@ -424,6 +442,7 @@ def tensor_step(
     fs = prepare(param, grad, state, group, lr)
     grad_square_sums(fs)
     finish_statistics(fs, global_grad_scale)
+    factor_scales(fs)
     apply_update(fs, update_square_sum(fs), generator)
     return fs.alpha, fs.update_rms
 

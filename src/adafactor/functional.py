@@ -45,7 +45,9 @@ def adafactor_step(
     if has_dtensor(params):  # sharded parameters: local passes plus batched collectives
         from .distributed.dtensor import sharded_adafactor_step
 
-        out = sharded_adafactor_step(params, grads, states, group, global_grad_scale, generator)
+        out = sharded_adafactor_step(
+            params, grads, states, group, global_grad_scale, generator, _use_fused(impl)
+        )
         return GroupResult(*out)
     use_fused = _use_fused(impl)
     alphas: list[Tensor | float] = []

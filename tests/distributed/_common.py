@@ -158,3 +158,22 @@ def count_all_reduce() -> Iterator[list[int]]:
         yield stats
     finally:
         dist.all_reduce = original
+
+
+@contextlib.contextmanager
+def count_fused_passes() -> Iterator[list[int]]:
+    """Count pass-2 calls of the fused kernel on local shards (sharded driver only): [calls]."""
+    from adafactor.distributed._passes import FusedPasses
+
+    calls = [0]
+    original = FusedPasses.update_square_sum
+
+    def counting(self: FusedPasses, row_var_sum: Tensor | None) -> Tensor:
+        calls[0] += 1
+        return original(self, row_var_sum)
+
+    FusedPasses.update_square_sum = counting  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        FusedPasses.update_square_sum = original  # type: ignore[method-assign]

@@ -27,6 +27,7 @@ from ._common import (
     assert_matches,
     assert_rel_close,
     count_all_reduce,
+    count_fused_passes,
     full,
     make_model,
     train,
@@ -62,6 +63,9 @@ OPTIONS: list[dict[str, Any]] = [
         "global_clipnorm": 1.0,
     },
     *({"preset": name} for name in sorted(PRESETS)),
+    # the options above run the fused kernel on the local shards; these the reference passes
+    {"impl": "reference"},
+    {"impl": "reference", "beta1": 0.9, "clipnorm": 0.5, "factor_dims": "largest2"},
 ]
 
 TRANSFORMER_OPTIONS: dict[str, Any] = {"beta1": 0.9, "weight_decay": 0.01, "global_clipnorm": 1.0}
@@ -112,10 +116,13 @@ def dtensor_placements(
     mesh = init_device_mesh("cpu", mesh_shape or (world,))
     for kwargs in OPTIONS:
         sharded, opt, ref, ref_opt = _pairs(mesh, cases, kwargs)
-        for step in range(3):
-            _set_grads(mesh, cases, sharded, ref, step)
-            opt.step()
-            ref_opt.step()
+        with count_fused_passes() as fused_calls:
+            for step in range(3):
+                _set_grads(mesh, cases, sharded, ref, step)
+                opt.step()
+                ref_opt.step()
+        # every rank holds a non-empty shard of some case (a replicated or evenly split one)
+        assert (fused_calls[0] > 0) == (kwargs.get("impl") != "reference"), (kwargs, fused_calls)
         names = {f"case{i}{cases[i]}": p for i, p in enumerate(sharded)}
         ref_names = {f"case{i}{cases[i]}": p for i, p in enumerate(ref)}
         assert_matches(names, opt, ref_names, ref_opt)

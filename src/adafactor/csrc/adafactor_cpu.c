@@ -46,7 +46,9 @@ typedef struct {
     float *fr;        /* per row: 1/sqrt(R/mean R) (add) or R (clamp), [A*R*B*D] */
     float *fc;        /* per col: 1/sqrt(C) (add) or C (clamp), [A*B*L] */
     float *rm;        /* per row: max(mean R, eps1) (clamp only), [A*R*B*D] */
+    double *rsum;     /* per (a, b, d): sum of R over the row dim (all ranks' rows once reduced) */
     i64 numel, R, B, C, D;
+    i64 rows_total;   /* size of the row dim in the unsharded tensor (mean R = rsum / rows_total) */
     i64 par_min;       /* fewer elements than this: one thread (see _fused_cpu.parallel_min_numel) */
     float sign, clipv; /* g <- clamp(sign * g, -clipv, clipv) */
     float scale;       /* grad_scale (clipnorm / global_clipnorm), applied in passes 2-3 */
@@ -300,22 +302,34 @@ EXPORT void af_stats(Args *a) {
 /* ------------------------------------------------------------------------------------------- */
 /* between passes 1 and 2 (factored): moving averages R, C and the per-row / per-col factors     */
 /* ------------------------------------------------------------------------------------------- */
-EXPORT void af_finish_factors(Args *a) {
+/* Moving averages R and C, and the sum of R over the row dim for each (a, b, d) into rsum: a
+ * sharded caller all-reduces rsum over the row dim's shards before af_factor_scales. */
+EXPORT void af_update_factors(Args *a) {
     const i64 L = a->C * a->D, A = a->numel / (a->R * a->B * L), R = a->R, B = a->B, D = a->D;
     const i64 nrow = A * R * B * D, ncol = A * B * L;
-    const int clamp = a->mode == MODE_FACT_CLAMP;
-    const float add = clamp ? 0.0f : a->eps1, w = a->w2;
+    const float add = a->mode == MODE_FACT_CLAMP ? 0.0f : a->eps1, w = a->w2;
     for (i64 i = 0; i < nrow; i++)
         a->rstate[i] = lerp(a->rstate[i], (float)a->row[i] * a->row_k + add, w);
     for (i64 i = 0; i < ncol; i++)
         a->cstate[i] = lerp(a->cstate[i], (float)a->col[i] * a->col_k + add, w);
-    /* mean of R over the row dim, for each (a, b, d) */
     for (i64 ia = 0; ia < A; ia++)
         for (i64 ib = 0; ib < B; ib++)
             for (i64 d = 0; d < D; d++) {
                 double sum = 0.0;
                 for (i64 r = 0; r < R; r++) sum += a->rstate[((ia * R + r) * B + ib) * D + d];
-                float mean = (float)(sum / (double)R);
+                a->rsum[(ia * B + ib) * D + d] = sum;
+            }
+}
+
+/* Per-row and per-column factors of pass 2 and 3 from R, C and mean R = rsum / rows_total. */
+EXPORT void af_factor_scales(Args *a) {
+    const i64 L = a->C * a->D, A = a->numel / (a->R * a->B * L), R = a->R, B = a->B, D = a->D;
+    const i64 ncol = A * B * L;
+    const int clamp = a->mode == MODE_FACT_CLAMP;
+    for (i64 ia = 0; ia < A; ia++)
+        for (i64 ib = 0; ib < B; ib++)
+            for (i64 d = 0; d < D; d++) {
+                const float mean = (float)(a->rsum[(ia * B + ib) * D + d] / (double)a->rows_total);
                 for (i64 r = 0; r < R; r++) {
                     const i64 i = ((ia * R + r) * B + ib) * D + d;
                     if (clamp) {
@@ -495,4 +509,4 @@ EXPORT void af_update_sq(Args *a) { elem_run(a, 2); }
 
 EXPORT void af_apply(Args *a) { elem_run(a, 3); }
 
-EXPORT int af_abi_version(void) { return 1; }
+EXPORT int af_abi_version(void) { return 2; }

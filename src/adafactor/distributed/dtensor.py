@@ -32,8 +32,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.placement_types import Placement
 
-from .. import _reference as ref
 from .._validation import resolve_lr
+from ._passes import LocalPasses, local_passes
 
 __all__ = [
     "all_finite",
@@ -239,15 +239,17 @@ def sharded_adafactor_step(
     group: dict[str, Any],
     global_grad_scale: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[float | Tensor, list[Tensor], list[Tensor]]:
+    use_fused: bool = False,
+) -> tuple[float | Tensor, list[Tensor | float], list[Tensor | float]]:
     """One Adafactor step of a param group holding DTensor (and possibly plain) parameters.
 
     Returns ``(lr_t, alphas, update_rms)`` like :func:`adafactor.functional.adafactor_step`.
     Must be called on every rank of the parameters' meshes with the same param list.
+    ``use_fused`` runs the fused CPU kernel on the local shards it supports.
     """
     from ..functional import update_ema  # functional imports this module lazily
 
-    steps: list[tuple[ref.TensorStep, Tensor, dict[str, Any]]] = []
+    steps: list[tuple[LocalPasses, Tensor, dict[str, Any]]] = []
     lr_t: float | Tensor = 0.0
     for i, (p, g, state) in enumerate(zip(params, grads, states)):
         _check_pair(p, g, i)
@@ -257,61 +259,59 @@ def sharded_adafactor_step(
             continue
         # to_local() shares storage, so in-place updates of the views land in the DTensors.
         view = {key: _to_local(value) for key, value in state.items()}
-        ts = ref.prepare(_to_local(p), _to_local(g), view, group, lr_t, shape=tuple(p.shape))
-        steps.append((ts, p, view))
+        local_p, local_g = _to_local(p), _to_local(g)
+        passes = local_passes(local_p, local_g, view, group, lr_t, tuple(p.shape), use_fused)
+        steps.append((passes, p, view))
 
     # pass 1 and round 1
     first = _Round()
     slots = []
-    for ts, p, _ in steps:
-        sums = ref.grad_square_sums(ts)
+    for passes, p, _ in steps:
+        grad_sq, param_sq, row, col = passes.grad_square_sums()
         # sum(g^2) matters only to clipnorm and sum(x^2) only to scale_parameter
         every = _groups(p, None)
         slot = [
-            first.add(sums.grad_sq, every if group["clipnorm"] is not None else ()),
-            first.add(sums.param_sq, every if group["scale_parameter"] else ()),
+            first.add(grad_sq, every if group["clipnorm"] is not None else ()),
+            first.add(param_sq, every if group["scale_parameter"] else ()),
         ]
-        if ts.dims is not None:
-            assert sums.row is not None and sums.col is not None
-            slot.append(first.add(sums.row, _groups(p, (ts.dims.col_dim,))))
-            slot.append(first.add(sums.col, _groups(p, (ts.dims.row_dim,))))
+        if passes.dims is not None:
+            assert row is not None and col is not None
+            slot.append(first.add(row, _groups(p, (passes.dims.col_dim,))))
+            slot.append(first.add(col, _groups(p, (passes.dims.row_dim,))))
         slots.append(slot)
     reduced = first.run()
 
-    # moving averages, then round 2: mean of R over rows
+    # moving averages, then round 2: sum of R over rows, for mean(R)
     second = _Round()
     row_slots: list[int | None] = []
-    for (ts, p, view), slot in zip(steps, slots):
+    for (passes, p, _), slot in zip(steps, slots):
         row = col = None
-        if ts.dims is not None:
+        if passes.dims is not None:
             row, col = reduced[slot[2]], reduced[slot[3]]
-        sums = ref.GradSums(reduced[slot[0]], reduced[slot[1]], row, col)
-        ref.finish_statistics(ts, sums, global_grad_scale)
+        sums = (reduced[slot[0]], reduced[slot[1]], row, col)
+        row_var_sum = passes.finish_statistics(sums, global_grad_scale)
         row_slot = None
-        if ts.dims is not None:
-            row_sum = view["row_var"].to(ts.grad.dtype).sum(ts.dims.row_dim, keepdim=True)
-            row_slot = second.add(row_sum, _groups(p, (ts.dims.row_dim,)))
+        if passes.dims is not None and row_var_sum is not None:
+            row_slot = second.add(row_var_sum, _groups(p, (passes.dims.row_dim,)))
         row_slots.append(row_slot)
     row_sums = second.run()
 
     # pass 2 and round 3
     third = _Round()
-    for (ts, p, _), row_slot in zip(steps, row_slots):
-        if ts.dims is not None and row_slot is not None:
-            ts.row_var_mean = row_sums[row_slot] / ts.shape[ts.dims.row_dim]
-        third.add(ref.update_square_sum(ts), _groups(p, None))
+    for (passes, p, _), row_slot in zip(steps, row_slots):
+        row_var_sum = row_sums[row_slot] if row_slot is not None else None
+        third.add(passes.update_square_sum(row_var_sum), _groups(p, None))
     update_sq = third.run()
 
     # pass 3
-    alphas: list[Tensor] = []
-    update_rms: list[Tensor] = []
-    for (ts, _, view), usq in zip(steps, update_sq):
-        ref.apply_update(ts, usq, generator)
-        assert ts.update_rms is not None
-        alphas.append(torch.as_tensor(ts.alpha, dtype=torch.float32))
-        update_rms.append(ts.update_rms.float())
+    alphas: list[Tensor | float] = []
+    update_rms: list[Tensor | float] = []
+    for (passes, _, view), usq in zip(steps, update_sq):
+        alpha, rms = passes.apply_update(usq, generator)
+        alphas.append(alpha if isinstance(alpha, float) else torch.as_tensor(alpha).float())
+        update_rms.append(rms if isinstance(rms, float) else rms.float())
         if group["use_ema"]:
-            update_ema(ts.param, view, group)
+            update_ema(passes.param, view, group)
     return lr_t, alphas, update_rms
 
 
