@@ -1,8 +1,9 @@
 """Adafactor on DTensor parameters: local shards plus the few collectives the statistics need.
 
-Every rank runs the passes of :mod:`adafactor._reference` on its local shards. Between passes it
-all-reduces the partial sums that span shards, batched into one flat buffer per process group
-and dtype, so a step costs a constant number of collectives whatever the number of tensors:
+Every rank runs the passes on its local shards (:mod:`adafactor.distributed._passes`: the fused
+CPU kernel where it applies, else :mod:`adafactor._reference`). Between passes it all-reduces the
+partial sums that span shards (float64), batched into one flat buffer per process group, so a
+step costs a constant number of collectives whatever the number of tensors:
 
 * round 1 (after pass 1): per-row sums of g^2 over the mesh dims that shard the column dim, per-
   column sums over those that shard the row dim, sum(x^2) (for RMS(x)) and sum(g^2) (clipnorm)
