@@ -206,25 +206,26 @@ AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restr
     const float sign = a->sign, clipv = a->clipv;
     for (i64 s = lo; s < hi; s++) {
         const i64 off = s * L;
-        double acc = 0.0, accx = 0.0;
+        /* float32 within a row (as the reference's own sums), float64 across rows */
+        float acc = 0.0f, accx = 0.0f;
         if (a->want_x == X_FUSED) { /* one loop over g and x: two streams in step, read once */
 #pragma omp simd reduction(+ : acc, accx)
             for (i64 j = 0; j < L; j++) {
                 float gv = gprep(ldf(g, off + j, bf), sign, clipv);
                 float q = gv * gv;
                 fbuf[j] += q;
-                acc += (double)q;
-                double xv = (double)ldf(x, off + j, bf);
+                acc += q;
+                float xv = ldf(x, off + j, bf);
                 accx += xv * xv;
             }
-            segx[s] = accx;
+            segx[s] = (double)accx;
         } else {
 #pragma omp simd reduction(+ : acc)
             for (i64 j = 0; j < L; j++) {
                 float gv = gprep(ldf(g, off + j, bf), sign, clipv);
                 float q = gv * gv;
                 fbuf[j] += q;
-                acc += (double)q;
+                acc += q;
             }
             if (a->want_x == X_SUMSQ) segx[s] = sumsq(x, off, L, bf);
         }
@@ -365,7 +366,7 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
     void *restrict x = a->x;
     const void *restrict g = a->g;
     const int32_t *restrict noise = a->noise;
-    double acc = 0.0;
+    float acc = 0.0f; /* sum of u^2 of one segment; float64 across segments */
 #pragma omp simd reduction(+ : acc)
     for (i64 j = 0; j < len; j++) {
         const i64 i = off + j;
@@ -397,7 +398,7 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
             u = num / sqrtf(vv);
         }
         if (PASS == 2) {
-            acc += (double)(u * u);
+            acc += u * u;
         } else {
             float upd = u * inv_clip;
             if (MOM == MOM_NORM) {
@@ -420,7 +421,7 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
             }
         }
     }
-    if (PASS == 2) segu[s] = acc;
+    if (PASS == 2) segu[s] = (double)acc;
     else if (a->carry_x) segx[s] = sumsq(x, off, len, bf);
 }
 
