@@ -253,12 +253,19 @@ class FusedStep:
         "param_sq",
         "rho",
         "shape",
+        "sizes",
         "state",
         "update_rms",
     )
 
     def __init__(self) -> None:
         self.keep: list[Tensor] = []  # tensors whose pointers the argument block holds
+
+    def work(self, index: int) -> Tensor:
+        """A view of the float64 work buffer: 0 row sums, 1 col sums of g^2, 2 sums of R over
+        rows (flat, in row_var / col_var order). A sharded caller reduces them in place."""
+        start = sum(self.sizes[:index])
+        return self.keep[0][start : start + self.sizes[index]]
 
 
 def _lr_float(lr: float | Tensor) -> float:
@@ -310,19 +317,21 @@ def prepare(
     a.nt, a.par_min = torch.get_num_threads(), parallel_min_numel
     if fs.dims is not None:
         _, a.R, a.B, a.C, a.D = factor_layout(tuple(param.shape), fs.dims)
-        row = torch.empty(state["row_var"].numel(), dtype=torch.float64)
-        col = torch.empty(state["col_var"].numel(), dtype=torch.float64)
-        rsum = torch.empty(row.numel() // a.R, dtype=torch.float64)
-        fr = torch.empty(row.numel(), dtype=torch.float32)
-        fc = torch.empty(col.numel(), dtype=torch.float32)
-        fs.keep += [row, col, rsum, fr, fc]
-        a.row, a.col, a.fr, a.fc = row.data_ptr(), col.data_ptr(), fr.data_ptr(), fc.data_ptr()
-        a.rsum, a.rows_total = rsum.data_ptr(), fs.shape[fs.dims.row_dim]
+        nrow, ncol = state["row_var"].numel(), state["col_var"].numel()
+        fs.sizes = (nrow, ncol, nrow // a.R)
+        # two allocations per tensor step (each torch.empty costs ~1 us of a ~10 us step):
+        # float64 row sums | col sums | sums of R, float32 row factors | col factors | mean R
+        work64 = torch.empty(sum(fs.sizes), dtype=torch.float64)
+        clamp = group["eps1_mode"] == "clamp"
+        work32 = torch.empty(nrow * (2 if clamp else 1) + ncol, dtype=torch.float32)
+        fs.keep += [work64, work32]
+        a.row = work64.data_ptr()
+        a.col, a.rsum = a.row + 8 * nrow, a.row + 8 * (nrow + ncol)
+        a.fr = work32.data_ptr()
+        a.fc = a.fr + 4 * nrow
+        a.rm = a.fc + 4 * ncol if clamp else None
+        a.rows_total = fs.shape[fs.dims.row_dim]
         a.rstate, a.cstate = state["row_var"].data_ptr(), state["col_var"].data_ptr()
-        if group["eps1_mode"] == "clamp":
-            rm = torch.empty(row.numel(), dtype=torch.float32)
-            fs.keep.append(rm)
-            a.rm = rm.data_ptr()
     else:
         a.v = state["variance"].data_ptr()
     fs.args = a
@@ -330,9 +339,9 @@ def prepare(
     return fs
 
 
-def grad_square_sums(fs: FusedStep) -> tuple[Tensor | None, Tensor | None, float, float]:
-    """Pass 1 (local): row sums and col sums of g^2 (float64, flat in row_var / col_var order,
-    or None when unfactored), the sum of g^2 and the sum of x^2."""
+def grad_square_sums(fs: FusedStep) -> tuple[float, float]:
+    """Pass 1 (local): the sum of g^2 and the sum of x^2; row and col sums of g^2 go to
+    ``fs.work(0)`` / ``fs.work(1)`` when factored."""
     a, lib = fs.args, load()
     need_x = fs.group["scale_parameter"]
     cached = getattr(fs.param, _CARRY_ATTR, None) if carry_param_sq and need_x else None
@@ -343,9 +352,7 @@ def grad_square_sums(fs: FusedStep) -> tuple[Tensor | None, Tensor | None, float
     lib.af_stats(ctypes.byref(a))
     fs.grad_sq = a.out[0]
     fs.param_sq = cached[2] if hit else a.out[1]  # type: ignore[index]
-    if fs.dims is None:
-        return None, None, fs.grad_sq, fs.param_sq
-    return fs.keep[0], fs.keep[1], fs.grad_sq, fs.param_sq
+    return fs.grad_sq, fs.param_sq
 
 
 def finish_statistics(
@@ -353,12 +360,10 @@ def finish_statistics(
     global_grad_scale: Tensor | float | None = None,
     grad_sq: float | None = None,
     param_sq: float | None = None,
-) -> Tensor | None:
-    """Between passes 1 and 2: clip factor, alpha, R and C. Pass all-reduced ``grad_sq`` /
-    ``param_sq`` (and write reduced row/col sums into the pass-1 tensors) when sharded.
-
-    Returns the sum of R over the (local) rows per factored slice, float64, or None when
-    unfactored: a sharded caller all-reduces it in place before :func:`factor_scales`."""
+) -> None:
+    """Between passes 1 and 2: clip factor, alpha, R and C, and the sums of R over the (local)
+    rows into ``fs.work(2)``. When sharded, pass the all-reduced ``grad_sq`` / ``param_sq``,
+    reduce ``fs.work(0)`` / ``fs.work(1)`` before and ``fs.work(2)`` after this call."""
     group, a = fs.group, fs.args
     grad_sq = fs.grad_sq if grad_sq is None else grad_sq
     param_sq = fs.param_sq if param_sq is None else param_sq
@@ -378,8 +383,6 @@ def finish_statistics(
         a.row_k = scale_sq / fs.shape[fs.dims.col_dim]
         a.col_k = scale_sq / fs.shape[fs.dims.row_dim]
         load().af_update_factors(ctypes.byref(a))
-        return fs.keep[2]
-    return None
 
 
 def factor_scales(fs: FusedStep) -> None:

@@ -94,8 +94,10 @@ class FusedPasses(LocalPasses):
         self.fs, self.dims, self.param = fs, fs.dims, fs.param
 
     def grad_square_sums(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        row, col, grad_sq, param_sq = fused.grad_square_sums(self.fs)
-        return _f64(grad_sq), _f64(param_sq), row, col
+        grad_sq, param_sq = fused.grad_square_sums(self.fs)
+        if self.dims is None:
+            return _f64(grad_sq), _f64(param_sq), None, None
+        return _f64(grad_sq), _f64(param_sq), self.fs.work(0), self.fs.work(1)
 
     def finish_statistics(
         self,
@@ -104,15 +106,16 @@ class FusedPasses(LocalPasses):
     ) -> Tensor | None:
         grad_sq, param_sq, row, col = sums
         if row is not None and col is not None:  # the kernel reads the pass-1 buffers
-            self.fs.keep[0].copy_(row)
-            self.fs.keep[1].copy_(col)
-        return fused.finish_statistics(
+            self.fs.work(0).copy_(row)
+            self.fs.work(1).copy_(col)
+        fused.finish_statistics(
             self.fs, global_grad_scale, float(grad_sq.item()), float(param_sq.item())
         )
+        return None if self.dims is None else self.fs.work(2)
 
     def update_square_sum(self, row_var_sum: Tensor | None) -> Tensor:
         if row_var_sum is not None:
-            self.fs.keep[2].copy_(row_var_sum)
+            self.fs.work(2).copy_(row_var_sum)
         fused.factor_scales(self.fs)
         return _f64(fused.update_square_sum(self.fs))
 
