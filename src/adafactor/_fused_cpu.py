@@ -81,10 +81,10 @@ carry_param_sq = False
 _CARRY_ATTR = "_adafactor_param_sq"  # (data_ptr, version, sum x^2) kept on the parameter itself
 
 
-# Tensors with fewer elements run on one thread. Every parallel region costs a fork/join, and on
-# a loaded machine waking the second thread costs a scheduler time slice (~ms): at 32768 a
-# GPT-2-small step opened ~450 regions and took ~1.2 s under load (0.07-0.2 s at 2^20).
-parallel_min_numel = 1 << 20
+# Tensors with fewer elements run on one thread. Every parallel region costs a fork/join: on an
+# idle machine a few microseconds (GPT-2-small, 2 threads: 2^16 beat 2^20 by 7-10 %), but on a
+# loaded one waking the second thread can cost a scheduler time slice (~ms) per region.
+parallel_min_numel = 1 << 16
 
 
 class FusedUnavailableError(RuntimeError):
