@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from adafactor.cli import main
+from adafactor.cli._model import MODEL_SIZES
+from adafactor.cli.demo import ADAMW_PEAK_LR, DEFAULT_SIZE, DEFAULT_STEPS, add_arguments
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,7 +71,29 @@ def test_demo_outputs_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert line is not None
     assert line.group(1) == verdict
     assert line.group(2) == f"{comparison['val_loss_ratio']:.4f}"
+    state_line = r"optimizer state: Adafactor / AdamW = ([0-9.]+) \(1/(\d+); ([0-9,]+) vs "
+    state = re.search(state_line, printed)
+    assert state is not None
+    assert state.group(1) == f"{comparison['state_ratio']:.5f}"
+    assert state.group(2) == f"{1 / comparison['state_ratio']:.0f}"
+    assert state.group(3) == f"{ada['state_bytes']:,}"
+    assert "wall time: " in printed and results["total_wall_s"] > 0
     assert results["config"]["steps"] == 3 and results["config"]["model_size"] == "tiny"
+    assert results["config"]["adamw_peak_lr"] == ADAMW_PEAK_LR["tiny"]
+
+
+def test_demo_defaults_and_adamw_lr(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.model_size, defaults.steps) == (DEFAULT_SIZE, DEFAULT_STEPS)
+    assert defaults.adamw_lr is None  # resolved per model size when the demo runs
+    assert set(ADAMW_PEAK_LR) == set(MODEL_SIZES)
+
+    argv = ["demo", "--model-size", "tiny", "--steps", "1", "--optimizers", "adamw"]
+    assert main([*argv, "--adamw-lr", "2e-3", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["adamw_peak_lr"] == 2e-3
 
 
 def test_demo_same_batches_and_init_for_both_optimizers(
@@ -101,6 +126,8 @@ def test_demo_same_batches_and_init_for_both_optimizers(
         (["--optimizers", "adamw,sgd"], "unknown optimizer sgd"),
         (["--model-size", "huge"], "argument --model-size: invalid choice: 'huge'"),
         (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+        (["--adamw-lr", "0"], "argument --adamw-lr: must be a finite number > 0, got 0"),
+        (["--adamw-lr", "fast"], "argument --adamw-lr: must be a number > 0, got 'fast'"),
     ],
 )
 def test_demo_bad_options(

@@ -13,7 +13,15 @@ from adafactor.cli import main
 from adafactor.cli._data import load_corpus
 from adafactor.cli._model import MODEL_SIZES
 from adafactor.cli._train import OptimizerSpec, RunResult, train_run
-from adafactor.cli.reproduce import COLUMNS, ROWS, findings, paper_schedule
+from adafactor.cli.reproduce import (
+    COLUMNS,
+    FULL,
+    QUICK,
+    ROWS,
+    adafactor_kwargs,
+    findings,
+    paper_schedule,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,6 +52,7 @@ def test_reproduce_outputs_agree(tmp_path: Path, capsys: pytest.CaptureFixture[s
             assert cell == f"{run['final_val_loss']:.4f}"
             assert len(run["train_curve"]) == 2 and not run["diverged"]
     assert results["config"]["steps"] == 2
+    assert results["config"]["abs_lr"] == FULL["abs_lr"]
     claims = [item["claim"] for item in results["findings"]]
     assert len(claims) == 4
     for item in results["findings"]:
@@ -59,9 +68,35 @@ def test_reproduce_rows_and_quick_defaults(tmp_path: Path) -> None:
     assert list(results["rows"]) == ["A", "J"]
     assert results["config"]["steps"] == 1
     assert results["config"]["model"] == vars(MODEL_SIZES["tiny"])
+    assert results["config"]["abs_lr"] == QUICK["abs_lr"]
     assert [f["claim"] for f in results["findings"]] == [
         "full Adafactor (row J) matches Adam (row A)"
     ]
+
+
+def test_reproduce_abs_lr_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["reproduce", "--quick", "--steps", "1", "--model-size", "tiny", "--rows", "A"]
+    assert main([*argv, "--abs-lr", "3e-3", "--output", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["abs_lr"] == 3e-3
+    with pytest.raises(SystemExit):
+        main([*argv, "--abs-lr", "-1", "--output", str(tmp_path)])
+    assert "argument --abs-lr: must be a finite number > 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_absolute_rows_follow_the_schedule_scaled_to_abs_lr(warmup: bool) -> None:
+    schedule = paper_schedule(1000, warmup)
+    absolute, relative = ROWS[0], ROWS[-1]
+    assert not absolute.relative and relative.relative
+    for abs_lr in (1e-3, 1e-2):
+        kwargs = adafactor_kwargs(absolute, warmup, 1000, abs_lr)
+        for index in (0, 99, 500, 999):
+            assert kwargs["lr"](index) == pytest.approx(abs_lr / 1e-2 * schedule(index))
+        # Relative rows keep the paper's rho_t = s_t whatever the absolute peak.
+        assert adafactor_kwargs(relative, warmup, 1000, abs_lr)["lr"](7) == schedule(7)
+    assert adafactor_kwargs(absolute, warmup, 1000)["lr"](999) == pytest.approx(
+        0.1 * schedule(999)  # the paper's alpha_t = 0.1 s_t by default
+    )
 
 
 def test_reproduce_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

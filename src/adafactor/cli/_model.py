@@ -35,6 +35,9 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "tiny": ModelSize(d_model=32, n_layers=1, n_heads=2, context=32, batch_size=8),
     "small": ModelSize(d_model=64, n_layers=2, n_heads=2, context=64, batch_size=16),
     "base": ModelSize(d_model=128, n_layers=2, n_heads=4, context=128, batch_size=16),
+    # The demo's default: one wide layer. Factored second moments keep r + c numbers for an
+    # r x c matrix against AdamW's 2rc, so width (not depth) sets Adafactor's state ratio.
+    "wide": ModelSize(d_model=512, n_layers=1, n_heads=8, context=64, batch_size=16),
     "large": ModelSize(d_model=256, n_layers=4, n_heads=4, context=256, batch_size=16),
 }
 

@@ -102,12 +102,26 @@ def _draw(axes: Any, result: RunResult, label: str, color: str) -> None:
         axes.axvline(result.diverged_at, color=color, ls=":", lw=1)
 
 
+def _loss_range(results: Sequence[RunResult]) -> tuple[float, float] | None:
+    """y-axis limits from the finite validation losses after step 0 (all of them if none).
+
+    The untrained model's loss (12 nats at d_model 512, with the tied embedding predicting the
+    input byte) and a diverged run would otherwise squash every curve into the bottom edge.
+    """
+    later = [v for r in results for s, v in r.val_curve if s > 0 and math.isfinite(v)]
+    finite = later or [v for r in results for _, v in r.val_curve if math.isfinite(v)]
+    return (min(finite) * 0.95, max(finite) * 1.05) if finite else None
+
+
 def plot_curves(results: Sequence[RunResult], path: Path, title: str) -> None:
     """One plot: faint smoothed training loss and marked validation loss of every run."""
     plt = _pyplot()
     fig, axes = plt.subplots(figsize=(7, 4.5))
     for i, result in enumerate(results):
         _draw(axes, result, f"{result.name} (val)", f"C{i}")
+    limits = _loss_range(results)
+    if limits is not None:
+        axes.set_ylim(*limits)
     axes.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
     axes.legend()
     axes.grid(alpha=0.3)
@@ -130,9 +144,9 @@ def plot_grid(panels: Sequence[tuple[str, Sequence[RunResult]]], path: Path, tit
         axes.legend(fontsize=7)
     for axes in grid.flat[len(panels) :]:
         axes.axis("off")
-    finite = [v for _, rs in panels for r in rs for _, v in r.val_curve if math.isfinite(v)]
-    if finite:  # a diverged run must not squash the other curves
-        grid[0][0].set_ylim(min(finite) * 0.95, max(finite) * 1.05)
+    limits = _loss_range([r for _, rs in panels for r in rs])
+    if limits is not None:  # a diverged run must not squash the other curves
+        grid[0][0].set_ylim(*limits)
     fig.suptitle(title)
     fig.supxlabel("step")
     fig.supylabel("loss (nats/byte)")
