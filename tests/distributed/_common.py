@@ -143,37 +143,30 @@ def assert_matches(
 
 
 @contextlib.contextmanager
-def count_all_reduce() -> Iterator[list[int]]:
-    """Count torch.distributed.all_reduce calls and bytes: yields [calls, bytes]."""
+def _counting(owner: Any, name: str, weigh: Callable[..., int]) -> Iterator[list[int]]:
+    """Wrap ``owner.name`` while the block runs: yields [calls, sum of weigh(*args)]."""
     stats = [0, 0]
-    original = dist.all_reduce
+    original = getattr(owner, name)
 
-    def counting(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+    def counting(*args: Any, **kwargs: Any) -> Any:
         stats[0] += 1
-        stats[1] += tensor.numel() * tensor.element_size()
-        return original(tensor, *args, **kwargs)
+        stats[1] += weigh(*args)
+        return original(*args, **kwargs)
 
-    dist.all_reduce = counting  # type: ignore[assignment]
+    setattr(owner, name, counting)
     try:
         yield stats
     finally:
-        dist.all_reduce = original
+        setattr(owner, name, original)
 
 
-@contextlib.contextmanager
-def count_fused_passes() -> Iterator[list[int]]:
-    """Count pass-2 calls of the fused kernel on local shards (sharded driver only): [calls]."""
+def count_all_reduce() -> contextlib.AbstractContextManager[list[int]]:
+    """Count torch.distributed.all_reduce calls and bytes: yields [calls, bytes]."""
+    return _counting(dist, "all_reduce", lambda t, *_: t.numel() * t.element_size())
+
+
+def count_fused_passes() -> contextlib.AbstractContextManager[list[int]]:
+    """Count pass-2 calls of the fused kernel on local shards (sharded driver only): [calls, _]."""
     from adafactor.distributed._passes import FusedPasses
 
-    calls = [0]
-    original = FusedPasses.update_square_sum
-
-    def counting(self: FusedPasses, row_var_sum: Tensor | None) -> Tensor:
-        calls[0] += 1
-        return original(self, row_var_sum)
-
-    FusedPasses.update_square_sum = counting  # type: ignore[method-assign]
-    try:
-        yield calls
-    finally:
-        FusedPasses.update_square_sum = original  # type: ignore[method-assign]
+    return _counting(FusedPasses, "update_square_sum", lambda *_: 0)

@@ -248,13 +248,14 @@ def sharded_adafactor_step(
     Must be called on every rank of the parameters' meshes with the same param list.
     ``use_fused`` runs the fused CPU kernel on the local shards it supports.
     """
-    from ..functional import update_ema  # functional imports this module lazily
+    from ..functional import advance_steps, update_ema  # functional imports this lazily
 
+    for i, (p, g) in enumerate(zip(params, grads)):
+        _check_pair(p, g, i)
+    advance_steps(states)
     steps: list[tuple[LocalPasses, Tensor, dict[str, Any]]] = []
     lr_t: float | Tensor = 0.0
-    for i, (p, g, state) in enumerate(zip(params, grads, states)):
-        _check_pair(p, g, i)
-        state["step"] += 1
+    for p, g, state in zip(params, grads, states):
         lr_t = resolve_lr(group["lr"], int(state["step"].item()) - 1)
         if p.numel() == 0:  # the global size: the same decision on every rank
             continue
@@ -292,7 +293,7 @@ def sharded_adafactor_step(
         sums = (reduced[slot[0]], reduced[slot[1]], row, col)
         row_var_sum = passes.finish_statistics(sums, global_grad_scale)
         row_slot = None
-        if passes.dims is not None and row_var_sum is not None:
+        if row_var_sum is not None:  # factored
             row_slot = second.add(row_var_sum, _groups(p, (passes.dims.row_dim,)))
         row_slots.append(row_slot)
     row_sums = second.run()
@@ -308,9 +309,9 @@ def sharded_adafactor_step(
     alphas: list[Tensor | float] = []
     update_rms: list[Tensor | float] = []
     for (passes, _, view), usq in zip(steps, update_sq):
-        alpha, rms = passes.apply_update(usq, generator)
-        alphas.append(alpha if isinstance(alpha, float) else torch.as_tensor(alpha).float())
-        update_rms.append(rms if isinstance(rms, float) else rms.float())
+        alpha, rms = passes.apply_update(usq, generator)  # floats or tensors: the caller stacks
+        alphas.append(alpha)
+        update_rms.append(rms)
         if group["use_ema"]:
             update_ema(passes.param, view, group)
     return lr_t, alphas, update_rms
