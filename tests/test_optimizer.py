@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 import warnings
 
 import pytest
@@ -78,6 +79,21 @@ def test_state_dict_resume_is_bit_exact(sample):
         for key, value in opt.state[p].items():
             assert value.dtype == opt2.state[q][key].dtype, key
             assert torch.equal(value, opt2.state[q][key]), key
+
+
+def test_deepcopy_and_pickle_keep_the_constructor_options():
+    model = torch.nn.Linear(4, 3)
+    opt = Adafactor(model.parameters(), impl="reference", global_clipnorm=1.0, preset="t5")
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.impl, clone.global_clipnorm, clone.preset) == ("reference", 1.0, "t5")
+        assert clone.carry_param_rms is True and clone.last_step_stats == []
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        clone.step()  # steps its own copies of the parameters
+        assert clone.last_step_stats[0] is not None
+        assert not torch.equal(clone.param_groups[0]["params"][0], model.weight)
 
 
 @pytest.mark.parametrize("case", ERROR_INPUTS, ids=[f"{list(e.kwargs)}" for e in ERROR_INPUTS])

@@ -54,6 +54,7 @@ __all__ = [
     "supports",
     "tensor_step",
     "update_square_sum",
+    "warn_stale_rms",
 ]
 
 _SOURCE = Path(__file__).parent / "csrc" / "adafactor_cpu.c"
@@ -73,12 +74,9 @@ _ENTRY_POINTS = ("af_stats", "af_update_factors", "af_factor_scales", "af_update
 _X_FUSED, _X_SUMSQ = 1, 2  # Args.want_x: how pass 1 sums x^2 (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-# Opt-in: reuse the sum of x^2 that pass 3 computed over the written parameter as the next step's
-# pass-1 sum (saves one read of x). Exact while the parameter is only changed by this optimizer or
-# by in-place ops that bump its version counter; ``p.data.copy_(...)`` does not bump it, so this
-# stays off by default.
-carry_param_sq = False
-_CARRY_ATTR = "_adafactor_param_sq"  # (data_ptr, version, sum x^2) kept on the parameter itself
+# The carried sum of x^2 lives on the parameter itself: (data_ptr, version, sum), or False once a
+# change that bypassed the version counter was caught (the parameter is then re-read every step).
+_CARRY_ATTR = "_adafactor_param_sq"
 
 
 # Tensors with fewer elements run on one thread. Every parallel region costs a fork/join: on an
@@ -118,8 +116,11 @@ class _Args(ctypes.Structure):
                 "f2",
             )
         ),
-        *((name, ctypes.c_int) for name in ("mode", "dt", "mdt", "mom", "want_x", "carry_x", "nt")),
-        ("out", ctypes.c_double * 3),
+        *(
+            (name, ctypes.c_int)
+            for name in ("mode", "dt", "mdt", "mom", "want_x", "carry_x", "verify_x", "nt")
+        ),
+        ("out", ctypes.c_double * 4),
     ]
 
 
@@ -242,6 +243,8 @@ class FusedStep:
     __slots__ = (
         "alpha",
         "args",
+        "carried",
+        "carry",
         "dims",
         "grad_scale",
         "grad_sq",
@@ -254,12 +257,15 @@ class FusedStep:
         "rho",
         "shape",
         "sizes",
+        "stale_rms",
         "state",
         "update_rms",
     )
 
     def __init__(self) -> None:
         self.keep: list[Tensor] = []  # tensors whose pointers the argument block holds
+        self.carried: float | None = None  # the sum of x^2 taken from the previous step
+        self.stale_rms: float | None = None  # set when the carried sum proved stale
 
     def work(self, index: int) -> Tensor:
         """A view of the float64 work buffer: 0 row sums, 1 col sums of g^2, 2 sums of R over
@@ -279,16 +285,24 @@ def prepare(
     group: dict[str, Any],
     lr: float | Tensor,
     shape: tuple[int, ...] | None = None,
+    carry_param_rms: bool = False,
 ) -> FusedStep:
     """Resolve the step's scalars and pointers (``state['step']`` already incremented).
 
     ``param``/``grad`` are the local contiguous tensors; ``shape`` is the unsharded shape (used
-    for the factoring decision and the element count of the RMS).
+    for the factoring decision and the element count of the RMS). ``carry_param_rms`` reuses the
+    sum of x^2 of the previous step's pass 3 (unsharded tensors only, see :func:`apply_update`).
     """
     fs = FusedStep()
     fs.param, fs.state, fs.group = param, state, group
     fs.shape = tuple(param.shape) if shape is None else tuple(shape)
     fs.numel = math.prod(fs.shape)
+    fs.carry = (
+        carry_param_rms
+        and group["scale_parameter"]
+        and param.numel() == fs.numel
+        and getattr(param, _CARRY_ATTR, None) is not False
+    )
     t = int(state["step"].item())
     fs.lr = _lr_float(lr)
     beta2 = ref.beta2_at(t, group["beta2_decay"], group["beta2_cap"], group["beta2"])
@@ -342,16 +356,18 @@ def prepare(
 def grad_square_sums(fs: FusedStep) -> tuple[float, float]:
     """Pass 1 (local): the sum of g^2 and the sum of x^2; row and col sums of g^2 go to
     ``fs.work(0)`` / ``fs.work(1)`` when factored."""
-    a, lib = fs.args, load()
-    need_x = fs.group["scale_parameter"]
-    cached = getattr(fs.param, _CARRY_ATTR, None) if carry_param_sq and need_x else None
-    p = fs.param
-    hit = cached is not None and cached[:2] == (p.data_ptr(), p._version)
+    a, p = fs.args, fs.param
+    cached = getattr(p, _CARRY_ATTR, None) if fs.carry else None
+    if cached is not None and cached[:2] == (p.data_ptr(), p._version):
+        fs.carried = cached[2]
     # with the carry on, pass 1 sums x^2 in pass 3's order, so carried and fresh sums agree
-    a.want_x = 0 if not need_x or hit else (_X_SUMSQ if carry_param_sq else _X_FUSED)
-    lib.af_stats(ctypes.byref(a))
+    if not fs.group["scale_parameter"] or fs.carried is not None:
+        a.want_x = 0
+    else:
+        a.want_x = _X_SUMSQ if fs.carry else _X_FUSED
+    load().af_stats(ctypes.byref(a))
     fs.grad_sq = a.out[0]
-    fs.param_sq = cached[2] if hit else a.out[1]  # type: ignore[index]
+    fs.param_sq = a.out[1] if fs.carried is None else fs.carried
     return fs.grad_sq, fs.param_sq
 
 
@@ -400,7 +416,11 @@ def update_square_sum(fs: FusedStep) -> float:
 
 def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator | None) -> None:
     """Pass 3 (local): clip U by RMS(U) (from the all-reduced ``update_sq_sum``), momentum,
-    weight decay, write the parameter."""
+    weight decay, write the parameter.
+
+    With the carry on, it also sums the written x^2 for the next step, and when this step used a
+    carried sum, it re-sums the old x^2 before writing (in the same order, so equal bit for bit
+    unless the parameter was changed behind the version counter; that is reported)."""
     group, a, p = fs.group, fs.args, fs.param
     fs.update_rms = math.sqrt(update_sq_sum / max(fs.numel, 1))
     d = group["clip_threshold"]
@@ -425,11 +445,32 @@ def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator
         )
         fs.keep.append(noise)
         a.noise = noise.data_ptr()
-    carry = carry_param_sq and group["scale_parameter"] and p.numel() == fs.numel
-    a.carry_x = int(carry)
+    a.carry_x, a.verify_x = int(fs.carry), int(fs.carried is not None)
     load().af_apply(ctypes.byref(a))
-    if carry:
+    fresh = a.out[3]
+    if fs.carried is not None and not (
+        fs.carried == fresh or (math.isnan(fs.carried) and math.isnan(fresh))
+    ):
+        fs.stale_rms = abs(math.sqrt(fs.carried / fresh) - 1) if fresh > 0 else math.inf
+        setattr(p, _CARRY_ATTR, False)  # this parameter is re-read every step from now on
+    elif fs.carry:
         setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, a.out[1]))
+
+
+def warn_stale_rms(stale: list[tuple[tuple[int, ...], float]]) -> None:
+    """One warning for the (shape, relative RMS error) of each parameter whose carried sum of x^2
+    proved stale in a group's step."""
+    shapes = ", ".join(str(shape) for shape, _ in stale[:3]) + (", ..." if len(stale) > 3 else "")
+    warnings.warn(
+        f"Adafactor: {len(stale)} parameter(s) of shape {shapes} were changed outside the "
+        "optimizer without bumping their version counter (e.g. through p.data or a NumPy view), "
+        "so this step scaled their updates by RMS(x) of their values from before that change "
+        f"(RMS(x) off by up to {max(err for _, err in stale):.3g} relative). They are re-read "
+        "every step from now on. Change parameters under torch.no_grad() without .data to keep "
+        "the faster path, or pass carry_param_rms=False to Adafactor.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def tensor_step(
@@ -440,14 +481,16 @@ def tensor_step(
     lr: float | Tensor,
     global_grad_scale: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[float, float]:
-    """All three passes on one unsharded tensor; returns (alpha_t, RMS(U))."""
-    fs = prepare(param, grad, state, group, lr)
+    carry_param_rms: bool = False,
+) -> FusedStep:
+    """All three passes on one unsharded tensor; ``alpha``, ``update_rms`` and ``stale_rms`` of
+    the returned step say what happened."""
+    fs = prepare(param, grad, state, group, lr, carry_param_rms=carry_param_rms)
     grad_square_sums(fs)
     finish_statistics(fs, global_grad_scale)
     factor_scales(fs)
     apply_update(fs, update_square_sum(fs), generator)
-    return fs.alpha, fs.update_rms
+    return fs
 
 
 def factor_layout(shape: tuple[int, ...], dims: FactorDims) -> tuple[int, int, int, int, int]:

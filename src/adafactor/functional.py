@@ -37,10 +37,12 @@ def adafactor_step(
     global_grad_scale: Tensor | None = None,
     generator: torch.Generator | None = None,
     impl: str = "auto",
+    carry_param_rms: bool = False,
 ) -> GroupResult:
     """One Adafactor step for ``params`` (all in ``group``) with state already initialised.
 
-    ``global_grad_scale`` is the global_clipnorm factor shared by all tensors, if any.
+    ``global_grad_scale`` is the global_clipnorm factor shared by all tensors, if any;
+    ``carry_param_rms`` lets the fused CPU path reuse the previous step's sum of x^2.
     """
     if has_dtensor(params):  # sharded parameters: local passes plus batched collectives
         from .distributed.dtensor import sharded_adafactor_step
@@ -53,17 +55,20 @@ def adafactor_step(
     alphas: list[Tensor | float] = []
     update_rms: list[Tensor | float] = []
     lr_t: float | Tensor = 0.0
+    stale: list[tuple[tuple[int, ...], float]] = []  # carried RMS(x) that proved stale
     advance_steps(states)
     for p, g, state in zip(params, grads, states):
         lr_t = resolve_lr(group["lr"], int(state["step"].item()) - 1)
         if p.numel() == 0:
             continue
         if use_fused and _fused_cpu.supports(p, g, state):
-            alpha, rms = _fused_cpu.tensor_step(
-                p, g, state, group, lr_t, global_grad_scale, generator
+            fs = _fused_cpu.tensor_step(
+                p, g, state, group, lr_t, global_grad_scale, generator, carry_param_rms
             )
-            alphas.append(alpha)
-            update_rms.append(rms)
+            alphas.append(fs.alpha)
+            update_rms.append(fs.update_rms)
+            if fs.stale_rms is not None:
+                stale.append((tuple(p.shape), fs.stale_rms))
         elif impl == "triton" and global_grad_scale is None and _triton_ok(p, g, state, group):
             alpha_t, rms_t = triton_module().tensor_step(p, g, state, group, lr_t)
             alphas.append(alpha_t)
@@ -76,6 +81,8 @@ def adafactor_step(
             update_rms.append(ts.update_rms)
         if group["use_ema"]:
             update_ema(p, state, group)
+    if stale:
+        _fused_cpu.warn_stale_rms(stale)
     return GroupResult(lr_t, alphas, update_rms)
 
 

@@ -72,6 +72,14 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "skip_nonfinite": False,
 }
 
+# Constructor options kept on the optimizer itself (not per group), with their defaults.
+_INSTANCE_DEFAULTS: dict[str, Any] = {
+    "preset": None,
+    "global_clipnorm": None,
+    "impl": "auto",
+    "carry_param_rms": True,
+    "generator": None,
+}
 
 # Every tensor key this optimizer may keep per parameter (torch.optim.Adafactor's names first).
 _STATE_KEYS = ("step", "row_var", "col_var", "variance", "exp_avg", "ema")
@@ -175,6 +183,12 @@ class Adafactor(Optimizer):
         impl: ``"auto"`` (the fastest available path: the fused CPU kernel when it builds),
             ``"reference"`` (the readable math), ``"fused"`` (the CPU kernel, or a clear error),
             ``"triton"`` (CUDA kernels, experimental).
+        carry_param_rms: on the fused CPU path, take RMS(x) of a step from the sum of x^2 that
+            the previous step computed while writing x (saves one read of every parameter,
+            about 15 % of a step). The carried sum is dropped when the parameter's data
+            pointer or version counter changes; a change that bypasses both (``p.data.mul_``,
+            a NumPy view) is caught at the next step, whose update then used the stale RMS(x),
+            and reported with a warning. Set ``False`` to re-read x every step.
         generator: random generator for stochastic rounding (for reproducible runs).
 
     After each step, :attr:`last_step_stats` holds one :class:`StepStats` per param group.
@@ -235,6 +249,7 @@ class Adafactor(Optimizer):
         stochastic_rounding: bool = _default(False),
         skip_nonfinite: bool = _default(False),
         impl: str = "auto",
+        carry_param_rms: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         given = {k: v for k, v in locals().items() if k in _GROUP_DEFAULTS}
@@ -254,6 +269,7 @@ class Adafactor(Optimizer):
         self.preset = preset
         self.global_clipnorm = global_clipnorm
         self.impl = impl
+        self.carry_param_rms = bool(carry_param_rms)
         self.generator = generator
         self.last_step_stats: list[StepStats | None] = []
         super().__init__(params, defaults)
@@ -331,8 +347,17 @@ class Adafactor(Optimizer):
         for i, p in enumerate(group["params"]):
             check_param(p, f"param_groups[{index}]['params'][{i}]", group["factored"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups: copy and pickle the
+        # constructor's other options too
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in _INSTANCE_DEFAULTS}}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for key, value in _INSTANCE_DEFAULTS.items():
+            if not hasattr(self, key):
+                setattr(self, key, value)
+        self.last_step_stats = []
         for group in self.param_groups:  # checkpoints from older versions lack newer options
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -442,6 +467,7 @@ class Adafactor(Optimizer):
             global_grad_scale=global_scale,
             generator=self.generator,
             impl=self.impl,
+            carry_param_rms=self.carry_param_rms,
         )
         if not result.alphas:
             return None

@@ -58,8 +58,8 @@ typedef struct {
     float inv_clip;    /* 1 / max(1, RMS(U)/d) */
     float alpha;       /* step size alpha_t */
     float f1, f2;      /* weight decay: x <- x*f1 - x*f2 */
-    int mode, dt, mdt, mom, want_x, carry_x, nt;
-    double out[3];     /* sum g^2, sum x^2 (pass 1); sum u^2 (pass 2); sum x_new^2 (pass 3) */
+    int mode, dt, mdt, mom, want_x, carry_x, verify_x, nt;
+    double out[4];     /* sum g^2, sum x^2 (pass 1); sum u^2 (pass 2); sum x_new^2, x_old^2 (pass 3) */
 } Args;
 
 AI float bf2f(uint16_t h) {
@@ -114,9 +114,130 @@ AI float gprep(float g, float sign, float clipv) {
     return g < -clipv ? -clipv : (g > clipv ? clipv : g); /* NaN passes through, as torch.clamp */
 }
 
-/* Sum of squares of one run; noinline so pass 1 and pass 3 add in exactly the same order.
- * One omp simd reduction per run: an array of float64 lanes looked faster on one long run but
- * doubled the time on the 768-element rows of an embedding (the lanes' setup and final sum). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define AF_AVX512 1
+#include <immintrin.h>
+/* Rows of a plain matrix by hand for passes 1 and 2. GCC keeps one vector accumulator per
+ * `omp simd` reduction, so a row's sum was a single chain of dependent adds (about 6 cycles per
+ * 16 elements, slower than the memory); four accumulators (16-element chunk k goes to k % 4) make
+ * these passes memory-bound. Same float32 formulas as the scalar bodies, another summation order. */
+AI __m512 ld16(const void *p, i64 i, int bf, __mmask16 k) {
+    if (k == 0xffff) { /* full chunks: plain loads (the masked forms are slower on some cores) */
+        if (bf)
+            return _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+        return _mm512_loadu_ps((const float *)p + i);
+    }
+    if (bf)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)p + i)), 16));
+    return _mm512_maskz_loadu_ps(k, (const float *)p + i);
+}
+/* max(lo, g) and min(hi, .) return g when g is NaN (the second operand), as gprep */
+AI __m512 gprep16(__m512 g, __m512 sign, __m512 lo, __m512 hi) {
+    return _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(g, sign)));
+}
+AI __mmask16 tail_mask(i64 left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+AI float hsum4(const __m512 *s) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+}
+
+/* One 16-element chunk of pass 1 (mask m) into the accumulators s (g^2) and t (x^2). */
+#define STATS16(J, M, S, T)                                                                    \
+    do {                                                                                       \
+        const __m512 gv = gprep16(ld16(a->g, off + (J), bf, M), sign, lo, hi);                 \
+        const __m512 q = _mm512_mul_ps(gv, gv);                                                \
+        if (M == 0xffff)                                                                       \
+            _mm512_storeu_ps(fbuf + (J), _mm512_add_ps(_mm512_loadu_ps(fbuf + (J)), q));       \
+        else                                                                                   \
+            _mm512_mask_storeu_ps(fbuf + (J), M, _mm512_add_ps(_mm512_maskz_loadu_ps(M, fbuf + (J)), q)); \
+        S = _mm512_add_ps(S, q);                                                               \
+        if (want_x) {                                                                          \
+            const __m512 xv = ld16(a->x, off + (J), bf, M);                                    \
+            T = _mm512_add_ps(T, _mm512_mul_ps(xv, xv));                                       \
+        }                                                                                      \
+    } while (0)
+
+/* pass 1 over one row: fbuf[j] += g^2; returns the row's sum of g^2 and, with want_x, of x^2 */
+AI float stats_row16(const Args *a, const int bf, const int want_x, i64 off, i64 L,
+                     float *restrict fbuf, float *xsum) {
+    const __m512 sign = _mm512_set1_ps(a->sign), hi = _mm512_set1_ps(a->clipv);
+    const __m512 lo = _mm512_set1_ps(-a->clipv);
+    const __mmask16 all = 0xffff;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
+    i64 j = 0;
+    for (; j + 64 <= L; j += 64) {
+        STATS16(j, all, s0, t0);
+        STATS16(j + 16, all, s1, t1);
+        STATS16(j + 32, all, s2, t2);
+        STATS16(j + 48, all, s3, t3);
+    }
+    for (; j < L; j += 16) STATS16(j, tail_mask(L - j), s0, t0);
+    const __m512 s[4] = {s0, s1, s2, s3}, t[4] = {t0, t1, t2, t3};
+    *xsum = hsum4(t);
+    return hsum4(s);
+}
+
+#define USQ16(J, M, S)                                                                         \
+    do {                                                                                       \
+        const __m512 gs = _mm512_mul_ps(gprep16(ld16(a->g, off + (J), bf, M), sign, lo, hi), scale); \
+        const __m512 u = _mm512_mul_ps(_mm512_mul_ps(gs, fr), M == 0xffff ? _mm512_loadu_ps(fc + (J)) : _mm512_maskz_loadu_ps(M, fc + (J))); \
+        S = _mm512_add_ps(S, _mm512_mul_ps(u, u));                                             \
+    } while (0)
+
+/* pass 2 over one row of a factored tensor: the sum of u^2, u = (g' fr) fc */
+AI float usq_row16(const Args *a, const int bf, i64 off, i64 L, float frow,
+                   const float *restrict fc) {
+    const __m512 sign = _mm512_set1_ps(a->sign), hi = _mm512_set1_ps(a->clipv);
+    const __m512 lo = _mm512_set1_ps(-a->clipv), scale = _mm512_set1_ps(a->scale);
+    const __m512 fr = _mm512_set1_ps(frow);
+    const __mmask16 all = 0xffff;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    i64 j = 0;
+    for (; j + 64 <= L; j += 64) {
+        USQ16(j, all, s0);
+        USQ16(j + 16, all, s1);
+        USQ16(j + 32, all, s2);
+        USQ16(j + 48, all, s3);
+    }
+    for (; j < L; j += 16) USQ16(j, tail_mask(L - j), s0);
+    const __m512 s[4] = {s0, s1, s2, s3};
+    return hsum4(s);
+}
+#endif
+
+#ifdef AF_AVX512
+/* Sum of x^2 over one run with stats_row16's four accumulators (the same adds in the same order),
+ * so the sum pass 3 carries to the next step equals the one pass 1 would compute, bit for bit. */
+#define SQ16(J, M, T)                                                                          \
+    do {                                                                                       \
+        const __m512 xv = ld16(p, off + (J), bf, M);                                           \
+        T = _mm512_add_ps(T, _mm512_mul_ps(xv, xv));                                           \
+    } while (0)
+AI double sumsq16(const void *p, i64 off, i64 n, const int bf) {
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    i64 j = 0;
+    for (; j + 64 <= n; j += 64) {
+        SQ16(j, 0xffff, t0);
+        SQ16(j + 16, 0xffff, t1);
+        SQ16(j + 32, 0xffff, t2);
+        SQ16(j + 48, 0xffff, t3);
+    }
+    for (; j < n; j += 16) SQ16(j, tail_mask(n - j), t0);
+    const __m512 t[4] = {t0, t1, t2, t3};
+    return (double)hsum4(t);
+}
+__attribute__((noinline)) static double sumsq_f32(const void *p, i64 off, i64 n) {
+    return sumsq16(p, off, n, 0);
+}
+__attribute__((noinline)) static double sumsq_bf16(const void *p, i64 off, i64 n) {
+    return sumsq16(p, off, n, 1);
+}
+static double sumsq(const void *p, i64 off, i64 n, int bf) {
+    return bf ? sumsq_bf16(p, off, n) : sumsq_f32(p, off, n);
+}
+#else
+/* Sum of squares of one run; noinline so pass 1 and pass 3 add in exactly the same order. */
 #define SUMSQ_BODY(LOAD)                                                                       \
     double acc = 0.0;                                                                          \
     _Pragma("omp simd reduction(+ : acc)") for (i64 j = 0; j < n; j++) {                      \
@@ -136,6 +257,7 @@ __attribute__((noinline)) static double sumsq_bf16(const uint16_t *restrict p, i
 static double sumsq(const void *p, i64 off, i64 n, int bf) {
     return bf ? sumsq_bf16((const uint16_t *)p + off, n) : sumsq_f32((const float *)p + off, n);
 }
+#endif
 
 static void nsegs(const Args *a, int factored, i64 *nseg, i64 *L) {
     if (factored) {
@@ -208,6 +330,13 @@ AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restr
         const i64 off = s * L;
         /* float32 within a row (as the reference's own sums), float64 across rows */
         float acc = 0.0f, accx = 0.0f;
+#ifdef AF_AVX512
+        if (1) {
+            /* the x^2 sums of X_FUSED and X_SUMSQ are the same adds here (see sumsq16) */
+            acc = stats_row16(a, bf, a->want_x != X_NONE, off, L, fbuf, &accx);
+            if (a->want_x) segx[s] = (double)accx;
+        } else
+#endif
         if (a->want_x == X_FUSED) { /* one loop over g and x: two streams in step, read once */
 #pragma omp simd reduction(+ : acc, accx)
             for (i64 j = 0; j < L; j++) {
@@ -348,22 +477,63 @@ EXPORT void af_factor_scales(Args *a) {
 /* passes 2 and 3: one element-wise body; PASS 2 updates V (and the grad momentum) and sums     */
 /* U^2, PASS 3 recomputes U from the updated state and writes momentum and the parameter        */
 /* ------------------------------------------------------------------------------------------- */
-#ifdef __AVX512BF16__
-#include <immintrin.h>
-/* Pass 3 of a plain matrix row with float32 parameters and bf16 'update' momentum, by hand with
- * the AVX-512 BF16 conversion (vcvtneps2bf16: round to nearest even, NaN kept quiet, as f2bf;
- * but a result below 2^-126 flushes to zero where f2bf keeps the subnormal). The generic body's
- * two bit-trick roundings per element made this case compute-bound (2.8x the time of the
- * momentum-free pass 3 on a cache-resident tensor). Returns the elements done (a multiple of 16). */
-AI __m512 bf16_round(__m512 v) {
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#ifdef AF_AVX512
+/* bf16 rounding of 16 floats as f2bf / rnd (nearest even, NaN kept and made quiet), with integer
+ * ops: exact for subnormals too, which vcvtneps2bf16 would flush to zero. */
+AI __m512i bf16_bits(__m512 v) { /* the bf16 in the low half of each 32-bit lane */
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
 }
-static i64 apply_row_mom_bf16(const Args *a, i64 off, i64 len, float frow,
-                              const float *restrict fc) {
-    const float *restrict g = (const float *)a->g;
-    float *restrict x = (float *)a->x;
-    uint16_t *restrict m = (uint16_t *)a->m;
+AI __m512 bits_to_f32(__m512i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)); }
+AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m512i h) { /* h: bf16_bits(v) */
+    if (bf) {
+        if (k == 0xffff) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(h));
+        else _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)p + i, k, h);
+    } else if (k == 0xffff) {
+        _mm512_storeu_ps((float *)p + i, v);
+    } else {
+        _mm512_mask_storeu_ps((float *)p + i, k, v);
+    }
+}
+
+/* Pass 3 over one row of a plain factored matrix without stochastic rounding, with no momentum or
+ * 'update' momentum: the scalar body's formulas, 16 lanes at a time, and the sums of x^2 before
+ * (verify_x) and after (carry_x) the write in sumsq16's chunk order, so they equal its sums. */
+#define APPLY16(J, M, TO, TN)                                                                  \
+    do {                                                                                       \
+        const i64 i = off + (J);                                                               \
+        const __m512 gs = _mm512_mul_ps(gprep16(ld16(a->g, i, bf, M), sign, lo, hi), scale);  \
+        const __m512 fcv = M == 0xffff ? _mm512_loadu_ps(fc + (J)) : _mm512_maskz_loadu_ps(M, fc + (J)); \
+        __m512 upd = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gs, fr), fcv), inv_clip);       \
+        upd = _mm512_mul_ps(upd, alpha);                                                       \
+        if (MOM == MOM_UPD) { /* m <- lerp(m, upd, w1), both rounded to the momentum dtype */   \
+            if (mbf) upd = bits_to_f32(bf16_bits(upd));                                        \
+            const __m512 mv = ld16(a->m, i, mbf, M);                                           \
+            const __m512 diff = _mm512_sub_ps(upd, mv);                                        \
+            upd = _mm512_fmadd_ps(w, diff, small ? mv : upd);                                  \
+            const __m512i mh = mbf ? bf16_bits(upd) : _mm512_setzero_si512();                  \
+            if (mbf) upd = bits_to_f32(mh);                                                    \
+            st16(a->m, i, mbf, M, upd, mh);                                                    \
+        }                                                                                      \
+        const __m512 xv = ld16(a->x, i, bf, M);                                                \
+        if (verify) TO = _mm512_add_ps(TO, _mm512_mul_ps(xv, xv));                             \
+        __m512 xn = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(xv, f1), _mm512_mul_ps(xv, f2)), upd); \
+        const __m512i xh = bf ? bf16_bits(xn) : _mm512_setzero_si512();                        \
+        if (bf) xn = bits_to_f32(xh);                                                          \
+        st16(a->x, i, bf, M, xn, xh);                                                          \
+        if (carry) {                                                                           \
+            const __m512 z = _mm512_maskz_mov_ps(M, xn); /* lanes past the row add +0 */        \
+            TN = _mm512_add_ps(TN, _mm512_mul_ps(z, z));                                       \
+        }                                                                                      \
+    } while (0)
+
+AI void apply_row16(const Args *a, const int bf, const int MOM, const int mbf, const int verify,
+                    const int carry, i64 off, i64 L, float frow, const float *restrict fc,
+                    double *old_sq, double *new_sq) {
     const __m512 sign = _mm512_set1_ps(a->sign), hi = _mm512_set1_ps(a->clipv);
     const __m512 lo = _mm512_set1_ps(-a->clipv), scale = _mm512_set1_ps(a->scale);
     const __m512 fr = _mm512_set1_ps(frow), inv_clip = _mm512_set1_ps(a->inv_clip);
@@ -371,29 +541,32 @@ static i64 apply_row_mom_bf16(const Args *a, i64 off, i64 len, float frow,
     const __m512 f2 = _mm512_set1_ps(a->f2);
     const int small = fabsf(a->w1) < 0.5f; /* lerp's two forms, as the scalar lerp */
     const __m512 w = _mm512_set1_ps(small ? a->w1 : a->w1 - 1.0f);
+    const __mmask16 all = 0xffff;
+    __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, n0 = o0, n1 = o0, n2 = o0, n3 = o0;
     i64 j = 0;
-    for (; j + 16 <= len; j += 16) {
-        const i64 i = off + j;
-        /* max(lo, g) and min(hi, .) return g when g is NaN (the second operand), as gprep */
-        __m512 gs = _mm512_mul_ps(_mm512_loadu_ps(g + i), sign);
-        gs = _mm512_mul_ps(_mm512_min_ps(hi, _mm512_max_ps(lo, gs)), scale);
-        __m512 upd = _mm512_mul_ps(_mm512_mul_ps(gs, fr), _mm512_loadu_ps(fc + j));
-        upd = bf16_round(_mm512_mul_ps(_mm512_mul_ps(upd, inv_clip), alpha));
-        __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(m + i))), 16));
-        __m512 diff = _mm512_sub_ps(upd, mv);
-        upd = bf16_round(_mm512_fmadd_ps(w, diff, small ? mv : upd));
-        _mm256_storeu_si256((__m256i *)(m + i), (__m256i)_mm512_cvtneps_pbh(upd));
-        __m512 xv = _mm512_loadu_ps(x + i);
-        __m512 xn = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(xv, f1), _mm512_mul_ps(xv, f2)), upd);
-        _mm512_storeu_ps(x + i, xn);
+    for (; j + 64 <= L; j += 64) {
+        APPLY16(j, all, o0, n0);
+        APPLY16(j + 16, all, o1, n1);
+        APPLY16(j + 32, all, o2, n2);
+        APPLY16(j + 48, all, o3, n3);
     }
-    return j;
+    for (; j < L; j += 16) APPLY16(j, tail_mask(L - j), o0, n0);
+    const __m512 o[4] = {o0, o1, o2, o3}, n[4] = {n0, n1, n2, n3};
+    if (verify) *old_sq = (double)hsum4(o);
+    if (carry) *new_sq = (double)hsum4(n);
+}
+
+/* the row kernel's cases as compile-time constants (verify and carry stay run-time flags) */
+AI void apply_row(const Args *a, const int bf, const int MOM, const int mbf, i64 off, i64 L,
+                  float frow, const float *restrict fc, double *old_sq, double *new_sq) {
+    if (a->verify_x) apply_row16(a, bf, MOM, mbf, 1, 1, off, L, frow, fc, old_sq, new_sq);
+    else if (a->carry_x) apply_row16(a, bf, MOM, mbf, 0, 1, off, L, frow, fc, old_sq, new_sq);
+    else apply_row16(a, bf, MOM, mbf, 0, 0, off, L, frow, fc, old_sq, new_sq);
 }
 #endif
 
 AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const int MOM, const int mbf,
-                 const int d1, const int SR, i64 s, i64 L, double *segu, double *segx) {
+                 const int d1, const int SR, i64 s, i64 L, double *seg, double *segv) {
     const int factored = MODE == MODE_FACT_ADD || MODE == MODE_FACT_CLAMP;
     const i64 D = d1 ? 1 : a->D, numel = a->numel;
     const i64 off = s * L, len = factored ? L : (numel - off < L ? numel - off : L);
@@ -412,10 +585,18 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
     const int32_t *restrict noise = a->noise;
     float acc = 0.0f; /* sum of u^2 of one segment; float64 across segments */
     i64 j0 = 0;
-#ifdef __AVX512BF16__
-    if (PASS == 3 && MODE == MODE_FACT_ADD && d1 && !bf && MOM == MOM_UPD && mbf && !SR)
-        j0 = apply_row_mom_bf16(a, off, len, fr[0], fc);
+#ifdef AF_AVX512
+    if (PASS == 3 && MODE == MODE_FACT_ADD && d1 && !SR && (MOM == MOM_NONE || MOM == MOM_UPD)) {
+        apply_row(a, bf, MOM, mbf, off, len, fr[0], fc, &segv[s], &seg[s]);
+        return;
+    }
+    if (PASS == 2 && MODE == MODE_FACT_ADD && d1 && MOM != MOM_GRAD) {
+        acc = usq_row16(a, bf, off, len, fr[0], fc);
+        j0 = len;
+    }
 #endif
+    /* the x^2 sum the carried one must equal (same code, same order), before x is overwritten */
+    if (PASS == 3 && a->verify_x) segv[s] = sumsq(x, off, len, bf);
 #pragma omp simd reduction(+ : acc)
     for (i64 j = j0; j < len; j++) {
         const i64 i = off + j;
@@ -470,13 +651,14 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
             }
         }
     }
-    if (PASS == 2) segu[s] = (double)acc;
-    else if (a->carry_x) segx[s] = sumsq(x, off, len, bf);
+    if (PASS == 2) seg[s] = (double)acc;
+    else if (a->carry_x) seg[s] = sumsq(x, off, len, bf);
 }
 
 AI void elem_range(Args *a, const int PASS, const int MODE, const int bf, const int MOM,
-                   const int mbf, const int d1, const int SR, i64 lo, i64 hi, i64 L, double *seg) {
-    for (i64 s = lo; s < hi; s++) elem_seg(a, PASS, MODE, bf, MOM, mbf, d1, SR, s, L, seg, seg);
+                   const int mbf, const int d1, const int SR, i64 lo, i64 hi, i64 L, double *seg,
+                   double *segv) {
+    for (i64 s = lo; s < hi; s++) elem_seg(a, PASS, MODE, bf, MOM, mbf, d1, SR, s, L, seg, segv);
 }
 
 /* dispatch on the compile-time constants: mode x d1 x momentum kind x bf16 momentum x SR */
@@ -516,16 +698,16 @@ AI void elem_range(Args *a, const int PASS, const int MODE, const int bf, const 
     } while (0)
 
 __attribute__((noinline)) static void elem_generic(Args *a, int pass, i64 lo, i64 hi, i64 L,
-                                                   double *seg) {
+                                                   double *seg, double *segv) {
     elem_range(a, pass, a->mode, a->dt, a->mom, a->mdt, 0, pass == 3 && a->dt && a->noise, lo,
-               hi, L, seg);
+               hi, L, seg, segv);
 }
 
-#define RARGS lo, hi, L, seg
+#define RARGS lo, hi, L, seg, segv
 __attribute__((noinline)) static void elem_dispatch(Args *a, int pass, i64 lo, i64 hi, i64 L,
-                                                    double *seg) {
+                                                    double *seg, double *segv) {
     if (!((a->mode == MODE_FACT_ADD && a->D == 1) || a->mode == MODE_FULL_ADD)) {
-        elem_generic(a, pass, lo, hi, L, seg);
+        elem_generic(a, pass, lo, hi, L, seg, segv);
     } else if (pass == 2) {
         if (a->dt) ELEM_MODES(ELEM2, 1, 0);
         else ELEM_MODES(ELEM2, 0, 0);
@@ -542,16 +724,21 @@ static void elem_run(Args *a, int pass) {
     i64 nseg, L;
     nsegs(a, factored, &nseg, &L);
     const int nt = threads_for(a);
-    double *seg = (double *)malloc(sizeof(double) * (size_t)(nseg + 1));
+    /* per segment: sum u^2 (pass 2) or x_new^2 (pass 3), then x_old^2 (pass 3, verify_x) */
+    double *seg = (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
+    double *segv = seg + nseg;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        elem_dispatch(a, pass, nseg * t / n, nseg * (t + 1) / n, L, seg);
+        elem_dispatch(a, pass, nseg * t / n, nseg * (t + 1) / n, L, seg, segv);
     }
-    double sum = 0.0;
+    double sum = 0.0, old = 0.0;
     if (pass == 2 || a->carry_x)
         for (i64 s = 0; s < nseg; s++) sum += seg[s];
+    if (pass == 3 && a->verify_x)
+        for (i64 s = 0; s < nseg; s++) old += segv[s];
     a->out[pass == 2 ? 2 : 1] = sum;
+    if (pass == 3) a->out[3] = old;
     free(seg);
 }
 
@@ -559,4 +746,4 @@ EXPORT void af_update_sq(Args *a) { elem_run(a, 2); }
 
 EXPORT void af_apply(Args *a) { elem_run(a, 3); }
 
-EXPORT int af_abi_version(void) { return 2; }
+EXPORT int af_abi_version(void) { return 3; }
