@@ -131,6 +131,30 @@ def test_fused_matches_reference_bf16(kwargs: dict, monkeypatch: pytest.MonkeyPa
     _compare(AdafactorInput(f"bf16 {kwargs}", kwargs), SHAPES + LARGE_SHAPES, torch.bfloat16)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "kwargs"),
+    [(torch.bfloat16, {}), (torch.float32, {"beta1": 0.9, "momentum_dtype": torch.bfloat16})],
+    ids=["bf16-params", "bf16-momentum"],
+)
+def test_subnormal_bf16_stores_match_the_reference(dtype: torch.dtype, kwargs: dict) -> None:
+    """bf16 stores keep float32 subnormals, as torch does (a plain vcvtneps2bf16 flushes them)."""
+    results = []
+    for impl in ("reference", "fused"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter((torch.randn(64, 600) * 1e-39).to(dtype))
+        opt = Adafactor(
+            [p], lr=3e-39, relative_step=False, scale_parameter=False, impl=impl, **kwargs
+        )
+        for _ in range(3):
+            p.grad = torch.randn(64, 600).to(dtype)
+            opt.step()
+        stored = opt.state[p]["exp_avg"] if kwargs else p
+        results.append(stored.detach().clone())
+    assert (results[1] != 0).float().mean() > 0.75  # subnormal values, not flushed to zero
+    assert results[1].abs().float().median() < torch.finfo(torch.float32).tiny
+    assert torch.equal(results[0], results[1])
+
+
 def _carry_run(shape: tuple[int, ...], carry: bool, steps: int, dtype: torch.dtype) -> Adafactor:
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape).to(dtype))

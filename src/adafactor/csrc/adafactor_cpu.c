@@ -478,21 +478,40 @@ EXPORT void af_factor_scales(Args *a) {
 /* U^2, PASS 3 recomputes U from the updated state and writes momentum and the parameter        */
 /* ------------------------------------------------------------------------------------------- */
 #ifdef AF_AVX512
-/* bf16 rounding of 16 floats as f2bf / rnd (nearest even, NaN kept and made quiet), with integer
- * ops: exact for subnormals too, which vcvtneps2bf16 would flush to zero. */
-AI __m512i bf16_bits(__m512 v) { /* the bf16 in the low half of each 32-bit lane */
+/* 16 floats rounded to bf16 as f2bf / rnd (nearest even, NaN kept and made quiet): the bf16 bits
+ * to store, and their value as float32 for the math that follows. */
+typedef struct {
+    __m512 f;
+    __m256i h;
+} bf16x16;
+AI bf16x16 bf16_from_bits32(__m512i r) { /* r: the bf16 in the low half of each 32-bit lane */
+    bf16x16 out = {_mm512_castsi512_ps(_mm512_slli_epi32(r, 16)), _mm512_cvtepi32_epi16(r)};
+    return out;
+}
+AI bf16x16 bf16_round_int(__m512 v) { /* integer ops: exact for subnormals too */
     const __m512i b = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     const __m512i r = _mm512_srli_epi32(
         _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
     const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40));
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+    return bf16_from_bits32(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet));
 }
-AI __m512 bits_to_f32(__m512i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)); }
-AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m512i h) { /* h: bf16_bits(v) */
+AI bf16x16 bf16_round(__m512 v) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    /* vcvtneps2bf16 rounds the same way in one instruction, but flushes subnormal inputs to zero:
+     * those (rare) vectors take the integer ops (fpclass 0x20: subnormal) */
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) == 0, 1)) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        bf16x16 out = {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), h};
+        return out;
+    }
+#endif
+    return bf16_round_int(v);
+}
+AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m256i h) { /* h: bf16 bits of v */
     if (bf) {
-        if (k == 0xffff) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(h));
-        else _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)p + i, k, h);
+        if (k == 0xffff) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), h);
+        else _mm256_mask_storeu_epi16((uint16_t *)p + i, k, h);
     } else if (k == 0xffff) {
         _mm512_storeu_ps((float *)p + i, v);
     } else {
@@ -511,19 +530,27 @@ AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m512i h) { /* h: b
         __m512 upd = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gs, fr), fcv), inv_clip);       \
         upd = _mm512_mul_ps(upd, alpha);                                                       \
         if (MOM == MOM_UPD) { /* m <- lerp(m, upd, w1), both rounded to the momentum dtype */   \
-            if (mbf) upd = bits_to_f32(bf16_bits(upd));                                        \
+            if (mbf) upd = bf16_round(upd).f;                                                  \
             const __m512 mv = ld16(a->m, i, mbf, M);                                           \
             const __m512 diff = _mm512_sub_ps(upd, mv);                                        \
             upd = _mm512_fmadd_ps(w, diff, small ? mv : upd);                                  \
-            const __m512i mh = mbf ? bf16_bits(upd) : _mm512_setzero_si512();                  \
-            if (mbf) upd = bits_to_f32(mh);                                                    \
+            __m256i mh = _mm256_setzero_si256();                                               \
+            if (mbf) {                                                                         \
+                const bf16x16 r = bf16_round(upd);                                             \
+                upd = r.f;                                                                     \
+                mh = r.h;                                                                      \
+            }                                                                                  \
             st16(a->m, i, mbf, M, upd, mh);                                                    \
         }                                                                                      \
         const __m512 xv = ld16(a->x, i, bf, M);                                                \
         if (verify) TO = _mm512_add_ps(TO, _mm512_mul_ps(xv, xv));                             \
         __m512 xn = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(xv, f1), _mm512_mul_ps(xv, f2)), upd); \
-        const __m512i xh = bf ? bf16_bits(xn) : _mm512_setzero_si512();                        \
-        if (bf) xn = bits_to_f32(xh);                                                          \
+        __m256i xh = _mm256_setzero_si256();                                                   \
+        if (bf) {                                                                              \
+            const bf16x16 r = bf16_round(xn);                                                  \
+            xn = r.f;                                                                          \
+            xh = r.h;                                                                          \
+        }                                                                                      \
         st16(a->x, i, bf, M, xn, xh);                                                          \
         if (carry) {                                                                           \
             const __m512 z = _mm512_maskz_mov_ps(M, xn); /* lanes past the row add +0 */        \
