@@ -5,16 +5,20 @@
 of the source, flags and CPU, and called through :mod:`ctypes` with data pointers: no torch
 headers, about one second to build, nothing to build at install time.
 
-Memory traffic per tensor (factored, no momentum): pass 1 reads g (and x for RMS(x)), pass 2
-reads g, pass 3 reads g and x and writes x. U is never stored: pass 3 recomputes it from g and the
-(small) factors, so the step allocates no full-size temporary (stochastic rounding draws one
-int32 noise tensor per parameter, to reuse the reference's random stream exactly).
+Memory traffic per tensor (factored, no momentum): pass 1 reads g (and x, unless RMS(x) is
+carried from the previous step's pass 3), pass 2 reads g, pass 3 reads g and x and writes x. U is
+never stored: pass 3 recomputes it from g and the (small) factors, so the step allocates no
+full-size temporary (stochastic rounding draws one int32 noise tensor per parameter, to reuse the
+reference's random stream exactly).
 
-Numerics: element math in float32 like the reference; every sum accumulates in float64 over
-fixed segments added in order (thread-count independent). Differences from the reference are a
-few float32 ulps (e.g. ``g * (1/sqrt(R/mean R)) * (1/sqrt(C))`` for ``g * rsqrt(R/mean R * C)``).
+Numerics: element math in float32 like the reference; sums are float32 within a row or segment
+and float64 across them, added in order (thread-count independent). Differences from the
+reference are a few float32 ulps (e.g. ``g * (1/sqrt(R/mean R)) * (1/sqrt(C))`` for
+``g * rsqrt(R/mean R * C)``). The scalars between the passes (clip scale, alpha_t, RMS(U), the
+clip factor) are computed in C from the group's options, in float64 like Python floats.
 
-The three passes are separate entry points on a *local* tensor (:func:`prepare`,
+:func:`tensor_step` runs an unsharded tensor's whole step in one call into the kernel. The
+passes are also separate entry points on a *local* tensor (:func:`prepare`,
 :func:`grad_square_sums`, :func:`finish_statistics`, :func:`update_square_sum`,
 :func:`apply_update`), mirroring :mod:`adafactor._reference`, so a sharded driver can all-reduce
 the pass-1 and pass-2 sums between them.
@@ -70,7 +74,8 @@ _FLAGS = [
 _FLAGS += ["-fvisibility=hidden", "-std=c11"]
 _MODES = {(True, "add"): 0, (True, "clamp"): 1, (False, "add"): 2, (False, "clamp"): 3}
 _MOMENTUM = {None: 0, "grad": 1, "normalized_update": 2, "update": 3}
-_ENTRY_POINTS = ("af_stats", "af_update_factors", "af_factor_scales", "af_update_sq", "af_apply")
+_ENTRY_POINTS = ("af_stats", "af_finish", "af_factor_scales", "af_update_sq", "af_apply", "af_step")
+_WEIGHT_DECAY = {"lr": 0, "lr_before": 1, "alpha": 2, "unscaled": 3}
 _X_FUSED, _X_SUMSQ = 1, 2  # Args.want_x: how pass 1 sums x^2 (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -121,6 +126,13 @@ class _Args(ctypes.Structure):
             for name in ("mode", "dt", "mdt", "mom", "want_x", "carry_x", "verify_x", "nt")
         ),
         ("out", ctypes.c_double * 4),
+        *((name, ctypes.c_int64) for name in ("numel_total", "cols_total")),
+        *(
+            (name, ctypes.c_double)
+            for name in ("lr", "rho", "eps2", "wd", "clipnorm", "clip_d", "gscale", "carried")
+        ),
+        *((name, ctypes.c_int) for name in ("scale_param", "wd_mode", "use_carried")),
+        *((name, ctypes.c_double) for name in ("alpha_out", "update_rms")),
     ]
 
 
@@ -246,15 +258,10 @@ class FusedStep:
         "carried",
         "carry",
         "dims",
-        "grad_scale",
-        "grad_sq",
         "group",
         "keep",
-        "lr",
         "numel",
         "param",
-        "param_sq",
-        "rho",
         "shape",
         "sizes",
         "stale_rms",
@@ -304,9 +311,8 @@ def prepare(
         and getattr(param, _CARRY_ATTR, None) is not False
     )
     t = int(state["step"].item())
-    fs.lr = _lr_float(lr)
+    lr_t = _lr_float(lr)
     beta2 = ref.beta2_at(t, group["beta2_decay"], group["beta2_cap"], group["beta2"])
-    fs.rho = float(ref.relative_step_size(fs.lr, t, group["relative_step"], group["warmup_init"]))
     fs.dims = factor_dims(
         fs.shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
     )
@@ -314,7 +320,18 @@ def prepare(
     eps1 = torch.finfo(param.dtype).eps if eps1 is None else float(eps1)
     a = _Args()
     a.g, a.x = grad.data_ptr(), param.data_ptr()
-    a.numel = param.numel()
+    a.numel, a.numel_total = param.numel(), fs.numel
+    # the options af_finish / af_apply turn into the step's scalars
+    a.lr = lr_t
+    a.rho = float(ref.relative_step_size(lr_t, t, group["relative_step"], group["warmup_init"]))
+    a.eps2, a.wd, a.wd_mode = (
+        group["eps2"],
+        group["weight_decay"],
+        _WEIGHT_DECAY[group["weight_decay_mode"]],
+    )
+    a.clipnorm = group["clipnorm"] or 0.0
+    a.clip_d = group["clip_threshold"] or 0.0
+    a.scale_param, a.gscale = group["scale_parameter"], 1.0
     a.sign = -1.0 if group["maximize"] else 1.0
     a.clipv = math.inf if group["clipvalue"] is None else group["clipvalue"]
     a.eps1, a.eps_sq = eps1, eps1 * eps1
@@ -344,31 +361,35 @@ def prepare(
         a.fr = work32.data_ptr()
         a.fc = a.fr + 4 * nrow
         a.rm = a.fc + 4 * ncol if clamp else None
-        a.rows_total = fs.shape[fs.dims.row_dim]
+        a.rows_total, a.cols_total = fs.shape[fs.dims.row_dim], fs.shape[fs.dims.col_dim]
         a.rstate, a.cstate = state["row_var"].data_ptr(), state["col_var"].data_ptr()
     else:
         a.v = state["variance"].data_ptr()
     fs.args = a
-    fs.grad_scale = 1.0
     return fs
+
+
+def _select_x_sum(fs: FusedStep) -> None:
+    """How pass 1 gets the sum of x^2: from the previous step's pass 3 (carried), or by reading x
+    (in pass 3's order when the carry is on, so the sums it carries agree with fresh ones)."""
+    a, p = fs.args, fs.param
+    cached = getattr(p, _CARRY_ATTR, None) if fs.carry else None
+    if cached is not None and cached[:2] == (p.data_ptr(), p._version):
+        fs.carried = cached[2]
+        a.carried, a.use_carried = cached[2], 1
+    if not fs.group["scale_parameter"] or fs.carried is not None:
+        a.want_x = 0
+    else:
+        a.want_x = _X_SUMSQ if fs.carry else _X_FUSED
 
 
 def grad_square_sums(fs: FusedStep) -> tuple[float, float]:
     """Pass 1 (local): the sum of g^2 and the sum of x^2; row and col sums of g^2 go to
     ``fs.work(0)`` / ``fs.work(1)`` when factored."""
-    a, p = fs.args, fs.param
-    cached = getattr(p, _CARRY_ATTR, None) if fs.carry else None
-    if cached is not None and cached[:2] == (p.data_ptr(), p._version):
-        fs.carried = cached[2]
-    # with the carry on, pass 1 sums x^2 in pass 3's order, so carried and fresh sums agree
-    if not fs.group["scale_parameter"] or fs.carried is not None:
-        a.want_x = 0
-    else:
-        a.want_x = _X_SUMSQ if fs.carry else _X_FUSED
+    _select_x_sum(fs)
+    a = fs.args
     load().af_stats(ctypes.byref(a))
-    fs.grad_sq = a.out[0]
-    fs.param_sq = a.out[1] if fs.carried is None else fs.carried
-    return fs.grad_sq, fs.param_sq
+    return a.out[0], a.out[1] if fs.carried is None else fs.carried
 
 
 def finish_statistics(
@@ -380,25 +401,17 @@ def finish_statistics(
     """Between passes 1 and 2: clip factor, alpha, R and C, and the sums of R over the (local)
     rows into ``fs.work(2)``. When sharded, pass the all-reduced ``grad_sq`` / ``param_sq``,
     reduce ``fs.work(0)`` / ``fs.work(1)`` before and ``fs.work(2)`` after this call."""
-    group, a = fs.group, fs.args
-    grad_sq = fs.grad_sq if grad_sq is None else grad_sq
-    param_sq = fs.param_sq if param_sq is None else param_sq
-    if group["clipnorm"] is not None:
-        fs.grad_scale = group["clipnorm"] / max(math.sqrt(grad_sq), group["clipnorm"])
-    elif global_grad_scale is not None:
-        fs.grad_scale = _lr_float(global_grad_scale)
-    a.scale = fs.grad_scale
-    fs.alpha = fs.rho
-    if group["scale_parameter"]:
-        rms = math.sqrt(param_sq / max(fs.numel, 1))
-        if group["weight_decay_mode"] == "lr_before" and group["weight_decay"]:
-            rms *= abs(1 - fs.lr * group["weight_decay"])
-        fs.alpha = max(rms, group["eps2"]) * fs.rho
-    if fs.dims is not None:
-        scale_sq = fs.grad_scale * fs.grad_scale
-        a.row_k = scale_sq / fs.shape[fs.dims.col_dim]
-        a.col_k = scale_sq / fs.shape[fs.dims.row_dim]
-        load().af_update_factors(ctypes.byref(a))
+    a = fs.args
+    if grad_sq is not None:
+        a.out[0] = grad_sq
+    if param_sq is not None:
+        a.out[1] = param_sq
+    elif fs.carried is not None:
+        a.out[1] = fs.carried
+    if global_grad_scale is not None:
+        a.gscale = _lr_float(global_grad_scale)
+    load().af_finish(ctypes.byref(a))
+    fs.alpha = a.alpha_out
 
 
 def factor_scales(fs: FusedStep) -> None:
@@ -414,39 +427,22 @@ def update_square_sum(fs: FusedStep) -> float:
     return a.out[2]
 
 
-def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator | None) -> None:
-    """Pass 3 (local): clip U by RMS(U) (from the all-reduced ``update_sq_sum``), momentum,
-    weight decay, write the parameter.
-
-    With the carry on, it also sums the written x^2 for the next step, and when this step used a
-    carried sum, it re-sums the old x^2 before writing (in the same order, so equal bit for bit
-    unless the parameter was changed behind the version counter; that is reported)."""
-    group, a, p = fs.group, fs.args, fs.param
-    fs.update_rms = math.sqrt(update_sq_sum / max(fs.numel, 1))
-    d = group["clip_threshold"]
-    a.inv_clip = 1.0 / max(1.0, fs.update_rms / d) if d is not None else 1.0
-    if math.isnan(fs.update_rms) and d is not None:  # as the reference: NaN spreads to all of x
-        a.inv_clip = math.nan
-    a.alpha = fs.alpha
-    wd, mode = group["weight_decay"], group["weight_decay_mode"]
-    a.f1, a.f2 = 1.0, 0.0
-    if wd:
-        if mode == "lr":
-            a.f1 = 1 - fs.lr * wd
-        elif mode == "lr_before":  # Keras: x - x (lr wd); 1 - 1e-5 would round in float32
-            a.f2 = fs.lr * wd
-        elif mode == "alpha":
-            a.f2 = fs.alpha * wd
-        else:
-            a.f2 = wd
-    if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+def _pass3_inputs(fs: FusedStep, generator: torch.Generator | None) -> None:
+    """Stochastic-rounding noise and the carry flags of pass 3."""
+    a, p = fs.args, fs.param
+    if p.dtype == torch.bfloat16 and fs.group["stochastic_rounding"]:
         noise = torch.randint(
             0, 1 << 16, p.shape, dtype=torch.int32, device=p.device, generator=generator
         )
         fs.keep.append(noise)
         a.noise = noise.data_ptr()
     a.carry_x, a.verify_x = int(fs.carry), int(fs.carried is not None)
-    load().af_apply(ctypes.byref(a))
+
+
+def _pass3_outputs(fs: FusedStep) -> None:
+    """RMS(U), and the carried sum of x^2: kept for the next step, or found stale."""
+    a, p = fs.args, fs.param
+    fs.update_rms = a.update_rms
     fresh = a.out[3]
     if fs.carried is not None and not (
         fs.carried == fresh or (math.isnan(fs.carried) and math.isnan(fresh))
@@ -455,6 +451,20 @@ def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator
         setattr(p, _CARRY_ATTR, False)  # this parameter is re-read every step from now on
     elif fs.carry:
         setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, a.out[1]))
+
+
+def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator | None) -> None:
+    """Pass 3 (local): clip U by RMS(U) (from the all-reduced ``update_sq_sum``), momentum,
+    weight decay, write the parameter.
+
+    With the carry on, it also sums the written x^2 for the next step, and when this step used a
+    carried sum, it re-sums the old x^2 before writing (in the same order, so equal bit for bit
+    unless the parameter was changed behind the version counter; that is reported)."""
+    a = fs.args
+    a.out[2] = update_sq_sum
+    _pass3_inputs(fs, generator)
+    load().af_apply(ctypes.byref(a))
+    _pass3_outputs(fs)
 
 
 def warn_stale_rms(stale: list[tuple[tuple[int, ...], float]]) -> None:
@@ -483,13 +493,16 @@ def tensor_step(
     generator: torch.Generator | None = None,
     carry_param_rms: bool = False,
 ) -> FusedStep:
-    """All three passes on one unsharded tensor; ``alpha``, ``update_rms`` and ``stale_rms`` of
-    the returned step say what happened."""
+    """All three passes on one unsharded tensor in one call into the kernel; ``alpha``,
+    ``update_rms`` and ``stale_rms`` of the returned step say what happened."""
     fs = prepare(param, grad, state, group, lr, carry_param_rms=carry_param_rms)
-    grad_square_sums(fs)
-    finish_statistics(fs, global_grad_scale)
-    factor_scales(fs)
-    apply_update(fs, update_square_sum(fs), generator)
+    _select_x_sum(fs)
+    if global_grad_scale is not None:
+        fs.args.gscale = _lr_float(global_grad_scale)
+    _pass3_inputs(fs, generator)
+    load().af_step(ctypes.byref(fs.args))
+    fs.alpha = fs.args.alpha_out
+    _pass3_outputs(fs)
     return fs
 
 

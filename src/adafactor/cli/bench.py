@@ -1,17 +1,22 @@
 """``adafactor bench``: step time, memory and roofline of this project's Adafactor vs anchors.
 
-Each implementation runs in fresh subprocesses (interleaved round-robin, so machine load hits
-all of them alike): ``--runs`` x (2 warm-up + ``--steps`` timed steps), median over the pooled
-step times. Memory is sampled in the first run's process after timing: a thread reads RSS from
+Steady step times are *paired*: ``--runs`` fresh processes each hold every implementation, each
+on its own copy of the same parameters and gradients, and after 2 warm-up steps run ``--steps``
+rounds in which every implementation steps once in turn. The memory bandwidth of a cloud VM can
+drift by 2x within seconds, so step times taken in separate processes compare different
+machines; within a round all implementations see the same one. Reported: the median step time
+over all rounds, and each ratio to an anchor as the median over rounds of the ratio within the
+round. The first step (warm kernel cache, and for ``adafactor`` also an empty one, the C build
+included) and the memory are taken in a fresh process per implementation: a thread reads RSS from
 /proc/self/statm about every millisecond; *transient* = max over 3 steady steps of (peak RSS during
 the step - RSS just before it), with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed temporaries leave
 RSS. The memory bandwidth is measured in the same run (in-place ``a += b`` on 256 MiB arrays,
 2 reads + 1 write, best of 5), and the roofline of each implementation is the bytes its pass
 model must move divided by that bandwidth:
 
-* Adafactor (this project's passes; used for every Adafactor): pass 1 reads g (and x when
-  ``scale_parameter``), pass 2 reads g, pass 3 reads g and x and writes x; an unfactored tensor
-  adds V (read + write in pass 2, read in pass 3); momentum adds m (read + write).
+* Adafactor (the minimum of three passes; used for every Adafactor): pass 1 reads g, pass 2 reads
+  g, pass 3 reads g and x and writes x (RMS(x) carried from the previous pass 3); an unfactored
+  tensor adds V (read + write in pass 2, read in pass 3); momentum adds m (read + write).
 * AdamW: reads p, g, m, v and writes p, m, v once.
 """
 
@@ -85,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--impls", nargs="+", choices=sorted(IMPLS), default=None, help="default: all but ref"
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    parser.add_argument("--runs", type=int, default=3, help="fresh processes per implementation")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds per paired run")
+    parser.add_argument("--runs", type=int, default=3, help="paired runs (fresh processes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write .json (or .csv) and .md")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -147,14 +152,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             a.add_(b)
             best = min(best, time.perf_counter() - t)
         return {"bandwidth_GBps": 3 * a.numel() * 4 / best / 1e9}
-    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    params = []
-    for shape in SHAPE_SETS[spec["shapes"]]():
-        p = torch.randn(shape, generator=gen).mul_(0.02).to(dtype).requires_grad_(True)
-        p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(dtype)
-        params.append(p)
-    opt = _make_optimizer(spec["impl"], params)
+    if spec["impl"] == "paired":
+        return _paired(spec)
+    opt = _make_optimizer(spec["impl"], _params(spec))
     t = time.perf_counter()
     opt.step()
     first = time.perf_counter() - t
@@ -186,6 +186,34 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _params(spec: dict[str, Any]) -> list[Any]:
+    import torch
+
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in SHAPE_SETS[spec["shapes"]]():
+        p = torch.randn(shape, generator=gen).mul_(0.02).to(dtype).requires_grad_(True)
+        p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(dtype)
+        params.append(p)
+    return params
+
+
+def _paired(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every implementation in this process, one step each per round (see the module docstring)."""
+    opts = {impl: _make_optimizer(impl, _params(spec)) for impl in spec["impls"]}
+    for opt in opts.values():
+        for _ in range(2):
+            opt.step()
+    times: dict[str, list[float]] = {impl: [] for impl in opts}
+    for _ in range(spec["steps"]):
+        for impl, opt in opts.items():
+            t = time.perf_counter()
+            opt.step()
+            times[impl].append(time.perf_counter() - t)
+    return {"times": times}
+
+
 def _spawn(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any] | None:
     cmd = [sys.executable, "-m", "adafactor.cli.bench", "--worker", json.dumps(spec)]
     full_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", **(env or {})}
@@ -210,7 +238,7 @@ def model_bytes(impl: str, shapes: list[tuple[int, ...]], dtype: str) -> float:
             total += n * (2 * p + p + 4 * p)  # p r/w, g r, m and v r/w (state in param dtype)
             continue
         factored = len(shape) >= 2
-        total += n * (3 * p + 3 * p)  # g three times; x read (pass 1), read + write (pass 3)
+        total += n * (3 * p + 2 * p)  # g three times; x read and written in pass 3
         if not factored:
             total += n * 3 * 4  # V: read + write in pass 2, read in pass 3
         if impl == "adafactor_mom_bf16":
@@ -233,18 +261,20 @@ def _available(impl: str) -> bool:
 
 def _bench_dtype(args: argparse.Namespace, dtype: str, impls: list[str]) -> list[dict[str, Any]]:
     base = {"shapes": args.shapes, "dtype": dtype, "threads": args.threads, "steps": args.steps}
-    results: dict[str, dict[str, Any]] = {i: {"times": [], "firsts": []} for i in impls}
+    _check_memory(args.shapes, dtype, impls)
+    results: dict[str, dict[str, Any]] = {i: {"times": []} for i in impls}
+    for impl in impls:  # first step and memory: a fresh process each
+        print(f"  {dtype} first step and memory: {impl}", file=sys.stderr, flush=True)
+        out = _spawn({**base, "impl": impl, "memory": True, "steps": 0})
+        if out is not None:
+            results[impl].update(out)
     for r in range(args.runs):
+        print(f"  {dtype} paired run {r + 1}/{args.runs}", file=sys.stderr, flush=True)
+        out = _spawn({**base, "impl": "paired", "impls": impls})
+        if out is None:
+            continue
         for impl in impls:
-            print(f"  {dtype} run {r + 1}/{args.runs}: {impl}", file=sys.stderr, flush=True)
-            out = _spawn({**base, "impl": impl, "memory": r == 0})
-            if out is None:
-                continue
-            results[impl]["times"] += out["times"]
-            results[impl]["firsts"].append(out["first"])
-            for key in ("transient_bytes", "state_bytes"):
-                if key in out:
-                    results[impl][key] = out[key]
+            results[impl]["times"] += out["times"][impl]
     bw = max(_spawn({**base, "impl": "bandwidth"})["bandwidth_GBps"] for _ in range(2))  # type: ignore[index]
     cold = None
     if "adafactor" in impls:  # first step with an empty kernel cache (the C build included)
@@ -266,7 +296,7 @@ def _bench_dtype(args: argparse.Namespace, dtype: str, impls: list[str]) -> list
                 "dtype": dtype,
                 "median_s": median,
                 "min_s": min(res["times"]),
-                "first_s": statistics.median(res["firsts"]),
+                "first_s": res.get("first", math.nan),
                 "first_cold_s": cold if impl == "adafactor" else None,
                 "state_MiB": res.get("state_bytes", 0) / 2**20,
                 "transient_MiB": res.get("transient_bytes", 0) / 2**20,
@@ -276,12 +306,30 @@ def _bench_dtype(args: argparse.Namespace, dtype: str, impls: list[str]) -> list
                 "bandwidth_GBps": bw,
             }
         )
-    by_impl = {row["impl"]: row["median_s"] for row in rows}
+    stepped = {row["impl"] for row in rows}
     for row in rows:
         for anchor in ("adamw_fused", "torch_adafactor_single", "hf_adafactor"):
-            if anchor in by_impl:
-                row[f"x_{anchor}"] = row["median_s"] / by_impl[anchor]
+            if anchor in stepped:  # the median of the ratios within each round
+                pairs = zip(results[row["impl"]]["times"], results[anchor]["times"])
+                row[f"x_{anchor}"] = statistics.median(a / b for a, b in pairs)
     return rows
+
+
+def _check_memory(shapes: str, dtype: str, impls: list[str]) -> None:
+    """The paired process holds params and grads for every implementation (+ AdamW's state)."""
+    numel = sum(math.prod(s) for s in SHAPE_SETS[shapes]())
+    need = numel * (2 if dtype == "bf16" else 4) * (2 * len(impls) + 2 + 2)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if "MemAvailable" in line)
+    except (OSError, StopIteration):
+        return
+    if need > 0.8 * avail:
+        raise SystemExit(
+            f"adafactor bench: the paired run needs about {need / 2**30:.1f} GiB for "
+            f"--shapes {shapes} --dtype {dtype} with {len(impls)} implementations, but "
+            f"{avail / 2**30:.1f} GiB are available; pass fewer --impls"
+        )
 
 
 def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -294,7 +342,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head += [f"x {a}" for a in anchors]
     head += ["state MiB", "transient MiB", "model GB", "roofline s", "% roofline"]
     lines = [
-        f"shapes={args.shapes}, threads={args.threads}, {args.runs} runs x {args.steps} steps; "
+        f"shapes={args.shapes}, threads={args.threads}, {args.runs} paired runs x {args.steps} "
+        "rounds; "
         f"bandwidth {rows[0]['bandwidth_GBps']:.1f} GB/s (in-place add, 2r1w)"
         if rows
         else "",

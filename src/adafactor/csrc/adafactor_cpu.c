@@ -32,6 +32,8 @@ enum { MODE_FACT_ADD = 0, MODE_FACT_CLAMP = 1, MODE_FULL_ADD = 2, MODE_FULL_CLAM
 enum { MOM_NONE = 0, MOM_GRAD = 1, MOM_NORM = 2, MOM_UPD = 3 };
 /* pass 1's sum of x^2: none; fused into the loop over g; or by sumsq, in pass 3's order (carry) */
 enum { X_NONE = 0, X_FUSED = 1, X_SUMSQ = 2 };
+/* weight decay: x(1 - lr wd); x - x(lr wd) with RMS(x) scaled by |1 - lr wd|; x - x(alpha wd); x - x wd */
+enum { WD_LR = 0, WD_LR_BEFORE = 1, WD_ALPHA = 2, WD_UNSCALED = 3 };
 
 typedef struct {
     const void *g;    /* gradient, dtype dt */
@@ -60,6 +62,13 @@ typedef struct {
     float f1, f2;      /* weight decay: x <- x*f1 - x*f2 */
     int mode, dt, mdt, mom, want_x, carry_x, verify_x, nt;
     double out[4];     /* sum g^2, sum x^2 (pass 1); sum u^2 (pass 2); sum x_new^2, x_old^2 (pass 3) */
+    /* the step's scalars (af_finish, af_apply): the group's options and what they give */
+    i64 numel_total, cols_total; /* element count and col dim size of the unsharded tensor */
+    double lr, rho, eps2, wd, clipnorm, clip_d; /* clipnorm, clip_d: 0 when not set */
+    double gscale;     /* global_clipnorm factor (1 when not set) */
+    double carried;    /* with use_carried: the sum of x^2 carried from the previous step */
+    int scale_param, wd_mode, use_carried;
+    double alpha_out, update_rms; /* alpha_t and RMS(U) of the step, as the reference's floats */
 } Args;
 
 AI float bf2f(uint16_t h) {
@@ -432,9 +441,12 @@ EXPORT void af_stats(Args *a) {
 /* ------------------------------------------------------------------------------------------- */
 /* between passes 1 and 2 (factored): moving averages R, C and the per-row / per-col factors     */
 /* ------------------------------------------------------------------------------------------- */
+/* Python's max(a, b) (b if b > a else a): a NaN first argument wins, as in the reference */
+static double pymax(double a, double b) { return b > a ? b : a; }
+
 /* Moving averages R and C, and the sum of R over the row dim for each (a, b, d) into rsum: a
  * sharded caller all-reduces rsum over the row dim's shards before af_factor_scales. */
-EXPORT void af_update_factors(Args *a) {
+static void update_factors(Args *a) {
     const i64 L = a->C * a->D, A = a->numel / (a->R * a->B * L), R = a->R, B = a->B, D = a->D;
     const i64 nrow = A * R * B * D, ncol = A * B * L;
     const float add = a->mode == MODE_FACT_CLAMP ? 0.0f : a->eps1, w = a->w2;
@@ -449,6 +461,28 @@ EXPORT void af_update_factors(Args *a) {
                 for (i64 r = 0; r < R; r++) sum += a->rstate[((ia * R + r) * B + ib) * D + d];
                 a->rsum[(ia * B + ib) * D + d] = sum;
             }
+}
+
+/* Between pass 1 and the factors: the gradient's clip scale and alpha_t from out[0] (sum g^2) and
+ * out[1] (sum x^2), both already summed over the ranks by a sharded caller; then R and C. */
+EXPORT void af_finish(Args *a) {
+    double scale = a->gscale;
+    if (a->clipnorm > 0) scale = a->clipnorm / pymax(sqrt(a->out[0]), a->clipnorm);
+    double alpha = a->rho;
+    if (a->scale_param) {
+        double rms = sqrt(a->out[1] / (double)(a->numel_total > 1 ? a->numel_total : 1));
+        if (a->wd_mode == WD_LR_BEFORE && a->wd != 0) rms *= fabs(1 - a->lr * a->wd);
+        alpha = pymax(rms, a->eps2) * a->rho;
+    }
+    a->scale = (float)scale;
+    a->alpha = (float)alpha;
+    a->alpha_out = alpha;
+    const int factored = a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP;
+    if (factored) {
+        a->row_k = (float)(scale * scale / (double)a->cols_total);
+        a->col_k = (float)(scale * scale / (double)a->rows_total);
+        update_factors(a);
+    }
 }
 
 /* Per-row and per-column factors of pass 2 and 3 from R, C and mean R = rsum / rows_total. */
@@ -771,6 +805,34 @@ static void elem_run(Args *a, int pass) {
 
 EXPORT void af_update_sq(Args *a) { elem_run(a, 2); }
 
-EXPORT void af_apply(Args *a) { elem_run(a, 3); }
+/* Pass 3 after the clip factor from out[2] (sum u^2, summed over the ranks by a sharded caller) and
+ * the weight decay factors. */
+EXPORT void af_apply(Args *a) {
+    const double rms = sqrt(a->out[2] / (double)(a->numel_total > 1 ? a->numel_total : 1));
+    a->update_rms = rms;
+    double inv_clip = 1.0;
+    if (a->clip_d > 0) inv_clip = isnan(rms) ? NAN : 1.0 / pymax(1.0, rms / a->clip_d);
+    a->inv_clip = (float)inv_clip;
+    double f1 = 1.0, f2 = 0.0;
+    if (a->wd != 0) {
+        if (a->wd_mode == WD_LR) f1 = 1 - a->lr * a->wd;
+        else if (a->wd_mode == WD_LR_BEFORE) f2 = a->lr * a->wd;
+        else if (a->wd_mode == WD_ALPHA) f2 = a->alpha_out * a->wd;
+        else f2 = a->wd;
+    }
+    a->f1 = (float)f1;
+    a->f2 = (float)f2;
+    elem_run(a, 3);
+}
 
-EXPORT int af_abi_version(void) { return 3; }
+/* All of one unsharded tensor's step: pass 1, the scalars, R and C, pass 2, pass 3. */
+EXPORT void af_step(Args *a) {
+    af_stats(a);
+    if (a->use_carried) a->out[1] = a->carried;
+    af_finish(a);
+    if (a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP) af_factor_scales(a);
+    elem_run(a, 2);
+    af_apply(a);
+}
+
+EXPORT int af_abi_version(void) { return 4; }
