@@ -255,7 +255,6 @@ class FusedStep:
     __slots__ = (
         "alpha",
         "args",
-        "carried",
         "carry",
         "dims",
         "group",
@@ -271,7 +270,6 @@ class FusedStep:
 
     def __init__(self) -> None:
         self.keep: list[Tensor] = []  # tensors whose pointers the argument block holds
-        self.carried: float | None = None  # the sum of x^2 taken from the previous step
         self.stale_rms: float | None = None  # set when the carried sum proved stale
 
     def work(self, index: int) -> Tensor:
@@ -375,9 +373,8 @@ def _select_x_sum(fs: FusedStep) -> None:
     a, p = fs.args, fs.param
     cached = getattr(p, _CARRY_ATTR, None) if fs.carry else None
     if cached is not None and cached[:2] == (p.data_ptr(), p._version):
-        fs.carried = cached[2]
         a.carried, a.use_carried = cached[2], 1
-    if not fs.group["scale_parameter"] or fs.carried is not None:
+    if not fs.group["scale_parameter"] or a.use_carried:
         a.want_x = 0
     else:
         a.want_x = _X_SUMSQ if fs.carry else _X_FUSED
@@ -389,7 +386,7 @@ def grad_square_sums(fs: FusedStep) -> tuple[float, float]:
     _select_x_sum(fs)
     a = fs.args
     load().af_stats(ctypes.byref(a))
-    return a.out[0], a.out[1] if fs.carried is None else fs.carried
+    return a.out[0], a.out[1]
 
 
 def finish_statistics(
@@ -406,8 +403,6 @@ def finish_statistics(
         a.out[0] = grad_sq
     if param_sq is not None:
         a.out[1] = param_sq
-    elif fs.carried is not None:
-        a.out[1] = fs.carried
     if global_grad_scale is not None:
         a.gscale = _lr_float(global_grad_scale)
     load().af_finish(ctypes.byref(a))
@@ -436,18 +431,16 @@ def _pass3_inputs(fs: FusedStep, generator: torch.Generator | None) -> None:
         )
         fs.keep.append(noise)
         a.noise = noise.data_ptr()
-    a.carry_x, a.verify_x = int(fs.carry), int(fs.carried is not None)
+    a.carry_x, a.verify_x = int(fs.carry), a.use_carried
 
 
 def _pass3_outputs(fs: FusedStep) -> None:
     """RMS(U), and the carried sum of x^2: kept for the next step, or found stale."""
     a, p = fs.args, fs.param
     fs.update_rms = a.update_rms
-    fresh = a.out[3]
-    if fs.carried is not None and not (
-        fs.carried == fresh or (math.isnan(fs.carried) and math.isnan(fresh))
-    ):
-        fs.stale_rms = abs(math.sqrt(fs.carried / fresh) - 1) if fresh > 0 else math.inf
+    carried, fresh = a.carried, a.out[3]
+    if a.use_carried and not (carried == fresh or (math.isnan(carried) and math.isnan(fresh))):
+        fs.stale_rms = abs(math.sqrt(carried / fresh) - 1) if fresh > 0 else math.inf
         setattr(p, _CARRY_ATTR, False)  # this parameter is re-read every step from now on
     elif fs.carry:
         setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, a.out[1]))

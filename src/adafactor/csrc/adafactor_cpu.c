@@ -66,7 +66,7 @@ typedef struct {
     i64 numel_total, cols_total; /* element count and col dim size of the unsharded tensor */
     double lr, rho, eps2, wd, clipnorm, clip_d; /* clipnorm, clip_d: 0 when not set */
     double gscale;     /* global_clipnorm factor (1 when not set) */
-    double carried;    /* with use_carried: the sum of x^2 carried from the previous step */
+    double carried;    /* with use_carried: the previous step's sum of x^2, which af_stats reports */
     int scale_param, wd_mode, use_carried;
     double alpha_out, update_rms; /* alpha_t and RMS(U) of the step, as the reference's floats */
 } Args;
@@ -147,12 +147,27 @@ AI __m512 gprep16(__m512 g, __m512 sign, __m512 lo, __m512 hi) {
     return _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(g, sign)));
 }
 AI __mmask16 tail_mask(i64 left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
-AI float hsum4(const __m512 *s) {
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
+AI float hsum4(__m512 s0, __m512 s1, __m512 s2, __m512 s3) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
+/* The chunk order every row sum shares: chunk k of each 64-element block adds into accumulator k
+ * (CHUNK pastes k onto its accumulators' names), the tail's masked chunks into accumulator 0.
+ * One loop for all rows, because the carried sum of x^2 (sumsq16, pass 3) must add in exactly
+ * the order of pass 1 (stats_row16) to equal it bit for bit. */
+#define ROW_CHUNKS(L, CHUNK)                                                                   \
+    do {                                                                                       \
+        i64 j = 0;                                                                             \
+        for (; j + 64 <= (L); j += 64) {                                                       \
+            CHUNK(j, 0xffff, 0);                                                               \
+            CHUNK(j + 16, 0xffff, 1);                                                          \
+            CHUNK(j + 32, 0xffff, 2);                                                          \
+            CHUNK(j + 48, 0xffff, 3);                                                          \
+        }                                                                                      \
+        for (; j < (L); j += 16) CHUNK(j, tail_mask((L) - j), 0);                              \
+    } while (0)
 
 /* One 16-element chunk of pass 1 (mask m) into the accumulators s (g^2) and t (x^2). */
-#define STATS16(J, M, S, T)                                                                    \
+#define STATS16(J, M, K)                                                                    \
     do {                                                                                       \
         const __m512 gv = gprep16(ld16(a->g, off + (J), bf, M), sign, lo, hi);                 \
         const __m512 q = _mm512_mul_ps(gv, gv);                                                \
@@ -160,10 +175,10 @@ AI float hsum4(const __m512 *s) {
             _mm512_storeu_ps(fbuf + (J), _mm512_add_ps(_mm512_loadu_ps(fbuf + (J)), q));       \
         else                                                                                   \
             _mm512_mask_storeu_ps(fbuf + (J), M, _mm512_add_ps(_mm512_maskz_loadu_ps(M, fbuf + (J)), q)); \
-        S = _mm512_add_ps(S, q);                                                               \
+        s##K = _mm512_add_ps(s##K, q);                                                         \
         if (want_x) {                                                                          \
             const __m512 xv = ld16(a->x, off + (J), bf, M);                                    \
-            T = _mm512_add_ps(T, _mm512_mul_ps(xv, xv));                                       \
+            t##K = _mm512_add_ps(t##K, _mm512_mul_ps(xv, xv));                                 \
         }                                                                                      \
     } while (0)
 
@@ -172,26 +187,17 @@ AI float stats_row16(const Args *a, const int bf, const int want_x, i64 off, i64
                      float *restrict fbuf, float *xsum) {
     const __m512 sign = _mm512_set1_ps(a->sign), hi = _mm512_set1_ps(a->clipv);
     const __m512 lo = _mm512_set1_ps(-a->clipv);
-    const __mmask16 all = 0xffff;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
-    i64 j = 0;
-    for (; j + 64 <= L; j += 64) {
-        STATS16(j, all, s0, t0);
-        STATS16(j + 16, all, s1, t1);
-        STATS16(j + 32, all, s2, t2);
-        STATS16(j + 48, all, s3, t3);
-    }
-    for (; j < L; j += 16) STATS16(j, tail_mask(L - j), s0, t0);
-    const __m512 s[4] = {s0, s1, s2, s3}, t[4] = {t0, t1, t2, t3};
-    *xsum = hsum4(t);
-    return hsum4(s);
+    ROW_CHUNKS(L, STATS16);
+    *xsum = hsum4(t0, t1, t2, t3);
+    return hsum4(s0, s1, s2, s3);
 }
 
-#define USQ16(J, M, S)                                                                         \
+#define USQ16(J, M, K)                                                                         \
     do {                                                                                       \
         const __m512 gs = _mm512_mul_ps(gprep16(ld16(a->g, off + (J), bf, M), sign, lo, hi), scale); \
         const __m512 u = _mm512_mul_ps(_mm512_mul_ps(gs, fr), M == 0xffff ? _mm512_loadu_ps(fc + (J)) : _mm512_maskz_loadu_ps(M, fc + (J))); \
-        S = _mm512_add_ps(S, _mm512_mul_ps(u, u));                                             \
+        s##K = _mm512_add_ps(s##K, _mm512_mul_ps(u, u));                                       \
     } while (0)
 
 /* pass 2 over one row of a factored tensor: the sum of u^2, u = (g' fr) fc */
@@ -200,41 +206,24 @@ AI float usq_row16(const Args *a, const int bf, i64 off, i64 L, float frow,
     const __m512 sign = _mm512_set1_ps(a->sign), hi = _mm512_set1_ps(a->clipv);
     const __m512 lo = _mm512_set1_ps(-a->clipv), scale = _mm512_set1_ps(a->scale);
     const __m512 fr = _mm512_set1_ps(frow);
-    const __mmask16 all = 0xffff;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    i64 j = 0;
-    for (; j + 64 <= L; j += 64) {
-        USQ16(j, all, s0);
-        USQ16(j + 16, all, s1);
-        USQ16(j + 32, all, s2);
-        USQ16(j + 48, all, s3);
-    }
-    for (; j < L; j += 16) USQ16(j, tail_mask(L - j), s0);
-    const __m512 s[4] = {s0, s1, s2, s3};
-    return hsum4(s);
+    ROW_CHUNKS(L, USQ16);
+    return hsum4(s0, s1, s2, s3);
 }
 #endif
 
 #ifdef AF_AVX512
-/* Sum of x^2 over one run with stats_row16's four accumulators (the same adds in the same order),
+/* Sum of x^2 over one run in ROW_CHUNKS order with stats_row16's adds,
  * so the sum pass 3 carries to the next step equals the one pass 1 would compute, bit for bit. */
-#define SQ16(J, M, T)                                                                          \
+#define SQ16(J, M, K)                                                                          \
     do {                                                                                       \
         const __m512 xv = ld16(p, off + (J), bf, M);                                           \
-        T = _mm512_add_ps(T, _mm512_mul_ps(xv, xv));                                           \
+        t##K = _mm512_add_ps(t##K, _mm512_mul_ps(xv, xv));                                     \
     } while (0)
 AI double sumsq16(const void *p, i64 off, i64 n, const int bf) {
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    i64 j = 0;
-    for (; j + 64 <= n; j += 64) {
-        SQ16(j, 0xffff, t0);
-        SQ16(j + 16, 0xffff, t1);
-        SQ16(j + 32, 0xffff, t2);
-        SQ16(j + 48, 0xffff, t3);
-    }
-    for (; j < n; j += 16) SQ16(j, tail_mask(n - j), t0);
-    const __m512 t[4] = {t0, t1, t2, t3};
-    return (double)hsum4(t);
+    ROW_CHUNKS(n, SQ16);
+    return (double)hsum4(t0, t1, t2, t3);
 }
 __attribute__((noinline)) static double sumsq_f32(const void *p, i64 off, i64 n) {
     return sumsq16(p, off, n, 0);
@@ -434,7 +423,7 @@ EXPORT void af_stats(Args *a) {
     if (a->want_x)
         for (i64 k = 0; k < nseg; k++) xs += segx[k];
     a->out[0] = gs;
-    a->out[1] = xs;
+    a->out[1] = a->use_carried ? a->carried : xs; /* the carried sum stands in for x's */
     free(segg);
 }
 
@@ -555,8 +544,8 @@ AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m256i h) { /* h: b
 
 /* Pass 3 over one row of a plain factored matrix without stochastic rounding, with no momentum or
  * 'update' momentum: the scalar body's formulas, 16 lanes at a time, and the sums of x^2 before
- * (verify_x) and after (carry_x) the write in sumsq16's chunk order, so they equal its sums. */
-#define APPLY16(J, M, TO, TN)                                                                  \
+ * (verify_x) and after (carry_x) the write in ROW_CHUNKS order, so they equal sumsq16's. */
+#define APPLY16(J, M, K)                                                                  \
     do {                                                                                       \
         const i64 i = off + (J);                                                               \
         const __m512 gs = _mm512_mul_ps(gprep16(ld16(a->g, i, bf, M), sign, lo, hi), scale);  \
@@ -577,7 +566,7 @@ AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m256i h) { /* h: b
             st16(a->m, i, mbf, M, upd, mh);                                                    \
         }                                                                                      \
         const __m512 xv = ld16(a->x, i, bf, M);                                                \
-        if (verify) TO = _mm512_add_ps(TO, _mm512_mul_ps(xv, xv));                             \
+        if (verify) o##K = _mm512_add_ps(o##K, _mm512_mul_ps(xv, xv));                         \
         __m512 xn = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(xv, f1), _mm512_mul_ps(xv, f2)), upd); \
         __m256i xh = _mm256_setzero_si256();                                                   \
         if (bf) {                                                                              \
@@ -588,7 +577,7 @@ AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m256i h) { /* h: b
         st16(a->x, i, bf, M, xn, xh);                                                          \
         if (carry) {                                                                           \
             const __m512 z = _mm512_maskz_mov_ps(M, xn); /* lanes past the row add +0 */        \
-            TN = _mm512_add_ps(TN, _mm512_mul_ps(z, z));                                       \
+            n##K = _mm512_add_ps(n##K, _mm512_mul_ps(z, z));                                   \
         }                                                                                      \
     } while (0)
 
@@ -602,19 +591,10 @@ AI void apply_row16(const Args *a, const int bf, const int MOM, const int mbf, c
     const __m512 f2 = _mm512_set1_ps(a->f2);
     const int small = fabsf(a->w1) < 0.5f; /* lerp's two forms, as the scalar lerp */
     const __m512 w = _mm512_set1_ps(small ? a->w1 : a->w1 - 1.0f);
-    const __mmask16 all = 0xffff;
     __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, n0 = o0, n1 = o0, n2 = o0, n3 = o0;
-    i64 j = 0;
-    for (; j + 64 <= L; j += 64) {
-        APPLY16(j, all, o0, n0);
-        APPLY16(j + 16, all, o1, n1);
-        APPLY16(j + 32, all, o2, n2);
-        APPLY16(j + 48, all, o3, n3);
-    }
-    for (; j < L; j += 16) APPLY16(j, tail_mask(L - j), o0, n0);
-    const __m512 o[4] = {o0, o1, o2, o3}, n[4] = {n0, n1, n2, n3};
-    if (verify) *old_sq = (double)hsum4(o);
-    if (carry) *new_sq = (double)hsum4(n);
+    ROW_CHUNKS(L, APPLY16);
+    if (verify) *old_sq = (double)hsum4(o0, o1, o2, o3);
+    if (carry) *new_sq = (double)hsum4(n0, n1, n2, n3);
 }
 
 /* the row kernel's cases as compile-time constants (verify and carry stay run-time flags) */
@@ -828,7 +808,6 @@ EXPORT void af_apply(Args *a) {
 /* All of one unsharded tensor's step: pass 1, the scalars, R and C, pass 2, pass 3. */
 EXPORT void af_step(Args *a) {
     af_stats(a);
-    if (a->use_carried) a->out[1] = a->carried;
     af_finish(a);
     if (a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP) af_factor_scales(a);
     elem_run(a, 2);
