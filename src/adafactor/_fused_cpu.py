@@ -334,7 +334,7 @@ def prepare(
     a.clipv = math.inf if group["clipvalue"] is None else group["clipvalue"]
     a.eps1, a.eps_sq = eps1, eps1 * eps1
     a.w2 = 1.0 - beta2
-    momentum = group["momentum"] if group["beta1"] else None
+    momentum = group["momentum_kind"] if group["beta1"] else None
     a.mom = _MOMENTUM[momentum]
     if momentum is not None:
         m = state["exp_avg"]

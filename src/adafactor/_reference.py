@@ -218,7 +218,7 @@ def update_square_sum(ts: TensorStep) -> Tensor:
 
     Factored: :math:`\hat V = R C / \mathrm{mean}_{rows}(R)`; otherwise the full moving average
     :math:`V_t = \hat\beta_{2t} V_{t-1} + (1-\hat\beta_{2t})(G^2 + \epsilon_1)` is updated here.
-    With ``momentum='grad'`` the numerator is the moving average of the gradient instead of G.
+    With ``momentum_kind='grad'`` the numerator is the moving average of the gradient instead of G.
     """
     group, state = ts.group, ts.state
     g = ts.grad * ts.grad_scale
@@ -339,7 +339,7 @@ def _eps1(ts: TensorStep) -> float:
 
 
 def _momentum(group: dict[str, Any]) -> str | None:
-    return group["momentum"] if group["beta1"] else None
+    return group["momentum_kind"] if group["beta1"] else None
 
 
 def _square(value: float | Tensor) -> float | Tensor:

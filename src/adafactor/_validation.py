@@ -175,9 +175,9 @@ def check_group(group: dict[str, Any]) -> None:
             high_open=True,
             hint="beta1 is the momentum decay (0.9 typical); None disables momentum",
         )
-    if group["momentum"] not in MOMENTUM_MODES:
+    if group["momentum_kind"] not in MOMENTUM_MODES:
         raise ValueError(
-            f"momentum must be one of {MOMENTUM_MODES}, got {group['momentum']!r}: 'update' is the "
+            f"momentum_kind must be one of {MOMENTUM_MODES}, got {group['momentum_kind']!r}: 'update' is the "
             "moving average of the applied update (T2T, transformers, optax), "
             "'normalized_update' of the clipped update before the step size (big_vision), "
             "'grad' of the gradient (Adam-style)"

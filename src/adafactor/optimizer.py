@@ -54,7 +54,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "scale_parameter": True,
     "warmup_init": False,
     "beta1": None,
-    "momentum": "update",
+    "momentum_kind": "update",
     "momentum_dtype": None,
     "weight_decay": 0.0,
     "weight_decay_mode": "lr",
@@ -162,7 +162,7 @@ class Adafactor(Optimizer):
             implementation. Keyword arguments passed explicitly override the preset.
         warmup_init: with ``relative_step``, also cap the step size by :math:`10^{-6} t`
             (transformers' warm-up).
-        momentum: what the momentum averages: ``"update"`` (the applied update
+        momentum_kind: what the momentum averages: ``"update"`` (the applied update
             :math:`\alpha_t\hat U_t`: T2T, transformers, optax), ``"normalized_update"`` (the
             clipped update :math:`\hat U_t` before the step size: big_vision) or ``"grad"`` (the
             gradient, normalised by :math:`\sqrt{\hat V_t}` afterwards: Adam-style).
@@ -240,7 +240,7 @@ class Adafactor(Optimizer):
         maximize: bool = _default(False),
         preset: str | None = None,
         warmup_init: bool = _default(False),
-        momentum: str = _default("update"),
+        momentum_kind: str = _default("update"),
         momentum_dtype: torch.dtype | None = _default(None),
         weight_decay_mode: str = _default("lr"),
         eps1_mode: str = _default("add"),
@@ -359,6 +359,7 @@ class Adafactor(Optimizer):
                 setattr(self, key, value)
         self.last_step_stats = []
         for group in self.param_groups:  # checkpoints from older versions lack newer options
+            _migrate_group(group)
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("skipped_steps", 0)
@@ -550,6 +551,7 @@ class Adafactor(Optimizer):
 def _translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """Map a saved group (ours or torch.optim.Adafactor's) onto this optimizer's group keys."""
     group = {k: v for k, v in current.items() if k != "params"}
+    saved = _migrate_group(dict(saved))
     for key, value in saved.items():
         if key in ("d", "eps", "foreach", "differentiable"):  # torch.optim.Adafactor's names
             continue
@@ -562,6 +564,16 @@ def _translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
         if group["eps1_mode"] == "clamp":
             group["eps1"] = eps1
     check_group(group)
+    return group
+
+
+def _migrate_group(group: dict[str, Any]) -> dict[str, Any]:
+    """Rename keys of checkpoints saved by older versions (in place; returns ``group``).
+
+    Before 0.2 the momentum semantics lived under ``"momentum"``, a key torch schedulers and loggers
+    read as a number."""
+    if isinstance(group.get("momentum"), str):
+        group.setdefault("momentum_kind", group.pop("momentum"))
     return group
 
 

@@ -48,7 +48,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "relative_step": True,
         "scale_parameter": True,
         "factor_dims": "last2",
-        "momentum": "update",
+        "momentum_kind": "update",
         "weight_decay_mode": "alpha",
     },
     # optax.adafactor: learning_rate=None there means no learning-rate scaling at all (lr=1).
@@ -58,7 +58,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "scale_parameter": True,
         "factor_dims": "largest2",
         "min_dim_size_to_factor": 128,
-        "momentum": "update",
+        "momentum_kind": "update",
         "weight_decay_mode": "unscaled",
     },
     # Mesh TensorFlow as T5 used it: rho_t = 1/sqrt(max(t, 1e4)) = min(1e-2, 1/sqrt(t)).
@@ -68,7 +68,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "scale_parameter": True,
         "factor_dims": "largest2_first",
         "min_dim_size_to_factor": 128,
-        "momentum": "update",
+        "momentum_kind": "update",
         "weight_decay_mode": "unscaled",
     },
     # Scaling ViT (Zhai et al. 2021) as timm's AdafactorBigVision computes it.
@@ -78,7 +78,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "scale_parameter": False,
         "beta2_cap": 0.999,
         "beta1": 0.9,
-        "momentum": "normalized_update",
+        "momentum_kind": "normalized_update",
         "momentum_dtype": torch.bfloat16,
         "clip_threshold": None,
         "factor_dims": "largest2",

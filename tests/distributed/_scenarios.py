@@ -56,7 +56,7 @@ OPTIONS: list[dict[str, Any]] = [
         "eps1_mode": "clamp",
         "eps1": None,
         "beta1": 0.9,
-        "momentum": "grad",
+        "momentum_kind": "grad",
         "weight_decay": 0.1,
         "weight_decay_mode": "lr_before",
         "use_ema": True,

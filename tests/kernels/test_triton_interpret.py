@@ -31,8 +31,8 @@ _CHECK = textwrap.dedent(
     CASES = [
         {},
         {"beta1": 0.9},
-        {"beta1": 0.9, "momentum": "grad"},
-        {"beta1": 0.9, "momentum": "normalized_update", "momentum_dtype": torch.bfloat16},
+        {"beta1": 0.9, "momentum_kind": "grad"},
+        {"beta1": 0.9, "momentum_kind": "normalized_update", "momentum_dtype": torch.bfloat16},
         {"factored": False, "maximize": True},
         {"weight_decay": 0.1, "weight_decay_mode": "alpha", "clipvalue": 0.01},
         {"weight_decay": 0.1, "weight_decay_mode": "lr_before", "clip_threshold": None},

@@ -272,7 +272,7 @@ def tensor_step(
     else:
         row = col = rmean = rstate = cstate = sums  # unused pointers
         v = state["variance"]
-    momentum = group["momentum"] if group["beta1"] else None
+    momentum = group["momentum_kind"] if group["beta1"] else None
     mom = _MOMENTUM[momentum]
     m = state["exp_avg"] if mom else sums
     w1 = 1.0 - group["beta1"] if mom else 0.0
