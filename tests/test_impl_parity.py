@@ -14,6 +14,9 @@ Tolerances (after 7 steps, on parameters and every state tensor):
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -159,9 +162,13 @@ def _carry_run(shape: tuple[int, ...], carry: bool, steps: int, dtype: torch.dty
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape).to(dtype))
     opt = Adafactor([p], impl="fused", beta1=0.9, carry_param_rms=carry)
-    for _ in range(steps):
-        p.grad = torch.randn(shape).to(dtype)
-        opt.step()
+    with warnings.catch_warnings():
+        # a carried sum that differs from pass 3's re-sum of the same x (another order of adds)
+        # would be reported as stale: fail on it
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(steps):
+            p.grad = torch.randn(shape).to(dtype)
+            opt.step()
     return opt
 
 
@@ -182,11 +189,6 @@ def test_carried_param_sq_is_bit_identical(
     expected = p_carried.detach().double().square().sum().item()
     assert abs(cached[2] - expected) <= 1e-6 * expected
     assert not hasattr(p_fresh, fused._CARRY_ATTR)
-    # the carried sum is the very sum pass 1 computes when it has to read x (same adds, same order)
-    delattr(p_carried, fused._CARRY_ATTR)
-    group, state = carried.param_groups[0], carried.state[p_carried]
-    fs = fused.prepare(p_carried, p_carried.grad, state, group, 1e-2, carry_param_rms=True)
-    assert fused.grad_square_sums(fs)[1] == cached[2]
 
 
 def test_carried_param_sq_is_dropped_after_a_version_bump() -> None:
@@ -237,10 +239,14 @@ def test_unsupported_tensors_fall_back_to_reference() -> None:
         torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
-def test_no_compiler_errors_clearly_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_compiler_errors_clearly_and_auto_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(fused, "_lib", None)
     monkeypatch.setattr(fused, "_lib_error", None)
-    monkeypatch.setattr(fused, "_compiler", lambda: None)
+    monkeypatch.setenv("ADAFACTOR_CACHE_DIR", str(tmp_path))  # nothing cached
+    monkeypatch.setenv("PATH", str(tmp_path))  # and no compiler
+    monkeypatch.delenv("CC", raising=False)
     p = torch.nn.Parameter(torch.randn(4, 3))
     p.grad = torch.randn(4, 3)
     with pytest.raises(fused.FusedUnavailableError, match=r"no C compiler found.*impl='reference'"):

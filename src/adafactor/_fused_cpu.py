@@ -27,13 +27,7 @@ the pass-1 and pass-2 sums between them.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -42,21 +36,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _reference as ref
-from .factoring import FactorDims, factor_dims
+from ._build import BuildError, build_library
+from ._plan import Eps1Mode, GroupPlan, Momentum, StepScalars, c_defines
+from .factoring import FactorDims
 
 __all__ = [
     "FusedStep",
     "FusedUnavailableError",
+    "GroupTables",
     "apply_update",
     "available",
     "factor_scales",
     "finish_statistics",
     "grad_square_sums",
+    "group_step",
     "load",
     "prepare",
     "supports",
-    "tensor_step",
     "update_square_sum",
     "warn_stale_rms",
 ]
@@ -72,10 +68,14 @@ _FLAGS = [
     "-shared",
 ]
 _FLAGS += ["-fvisibility=hidden", "-std=c11"]
-_MODES = {(True, "add"): 0, (True, "clamp"): 1, (False, "add"): 2, (False, "clamp"): 3}
-_MOMENTUM = {None: 0, "grad": 1, "normalized_update": 2, "update": 3}
+# the kernel's layout code of a tensor (csrc: MODE_*): factored or not x where eps1 enters
+_MODES = {
+    (True, Eps1Mode.ADD): 0,
+    (True, Eps1Mode.CLAMP): 1,
+    (False, Eps1Mode.ADD): 2,
+    (False, Eps1Mode.CLAMP): 3,
+}
 _ENTRY_POINTS = ("af_stats", "af_finish", "af_factor_scales", "af_update_sq", "af_apply", "af_step")
-_WEIGHT_DECAY = {"lr": 0, "lr_before": 1, "alpha": 2, "unscaled": 3}
 _X_FUSED, _X_SUMSQ = 1, 2  # Args.want_x: how pass 1 sums x^2 (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -133,56 +133,14 @@ class _Args(ctypes.Structure):
         ),
         *((name, ctypes.c_int) for name in ("scale_param", "wd_mode", "use_carried")),
         *((name, ctypes.c_double) for name in ("alpha_out", "update_rms")),
+        ("segbuf", ctypes.c_void_p),
+        ("err", ctypes.c_int),
     ]
 
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
 _lock = threading.Lock()
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
-
-
-def _cpu_signature() -> str:
-    # -march=native code must not be reused on another CPU sharing the cache directory.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def _build(cc: str) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(
-        source + " ".join([cc, *_FLAGS]).encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
-    cache = Path(os.environ.get("ADAFACTOR_CACHE_DIR", Path.home() / ".cache" / "adafactor"))
-    target = cache / f"adafactor_cpu_{key}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise FusedUnavailableError(
-                f"compiling {_SOURCE.name} with {cc!r} failed:\n{result.stderr.strip()[-2000:]}"
-            )
-        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def load() -> ctypes.CDLL:
@@ -193,26 +151,40 @@ def load() -> ctypes.CDLL:
     with _lock:
         if _lib is None and _lib_error is None:
             try:
-                cc = _compiler()
-                if cc is None:
-                    raise FusedUnavailableError(
-                        "no C compiler found (tried $CC, cc, gcc, clang); install gcc, or set "
-                        "CC=/path/to/compiler, or use impl='reference'"
-                    )
-                lib = ctypes.CDLL(str(_build(cc)))
-                for name in _ENTRY_POINTS:
-                    fn = getattr(lib, name)
-                    fn.argtypes = [ctypes.POINTER(_Args)]
-                    fn.restype = None
+                lib = ctypes.CDLL(str(build_library(_SOURCE, [*_FLAGS, "-lm"], c_defines())))
+                _bind(lib)
                 _lib = lib
-            except (OSError, FusedUnavailableError) as exc:
+            except (OSError, BuildError, FusedUnavailableError) as exc:
                 _lib_error = str(exc)
         if _lib is None:
             raise FusedUnavailableError(
-                f"impl='fused' is unavailable: {_lib_error}. Use impl='reference' or "
-                "impl='auto' (falls back to the reference)"
+                f"the fused CPU kernel is unavailable: {_lib_error}. Without it Adafactor runs "
+                "the reference math (slower); impl='reference' silences this"
             )
         return _lib
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    """Declare the entry points' signatures and check the layouts this module mirrors."""
+    for name in _ENTRY_POINTS:
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(_Args)]
+        fn.restype = None
+    lib.af_layout.argtypes = [ctypes.c_int]
+    lib.af_layout.restype = ctypes.c_int64
+    expected = (ctypes.sizeof(_Args), _TABLE_I, _TABLE_D, _GROUP_D, _GROUP_I)
+    found = tuple(lib.af_layout(i) for i in range(len(expected)))
+    if found != expected:
+        raise FusedUnavailableError(
+            f"the compiled kernel's layout {found} (sizeof(Args) and table widths) differs from "
+            f"the Python mirror's {expected}: a stale or foreign library in the kernel cache; "
+            "delete $ADAFACTOR_CACHE_DIR (default ~/.cache/adafactor)"
+        )
+    i64p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
+    lib.af_group_step.argtypes = [ctypes.c_int, i64p, f64p, f64p, i64p]
+    lib.af_group_step.restype = ctypes.c_int
+    lib.af_advance_steps.argtypes = [ctypes.c_int, i64p, f64p]
+    lib.af_advance_steps.restype = None
 
 
 def available() -> bool:
@@ -257,10 +229,10 @@ class FusedStep:
         "args",
         "carry",
         "dims",
-        "group",
         "keep",
         "numel",
         "param",
+        "plan",
         "shape",
         "sizes",
         "stale_rms",
@@ -283,75 +255,61 @@ def _lr_float(lr: float | Tensor) -> float:
     return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
 
 
+def _eps1(plan: GroupPlan, dtype: torch.dtype) -> float:
+    # None: torch.optim.Adafactor's machine epsilon of the parameter dtype
+    return torch.finfo(dtype).eps if plan.eps1 is None else plan.eps1
+
+
 def prepare(
     param: Tensor,
     grad: Tensor,
     state: dict[str, Any],
-    group: dict[str, Any],
-    lr: float | Tensor,
+    plan: GroupPlan,
+    scalars: StepScalars,
+    dims: FactorDims | None,
     shape: tuple[int, ...] | None = None,
-    carry_param_rms: bool = False,
 ) -> FusedStep:
-    """Resolve the step's scalars and pointers (``state['step']`` already incremented).
+    """The argument block of one local tensor's passes (``state['step']`` already advanced).
 
-    ``param``/``grad`` are the local contiguous tensors; ``shape`` is the unsharded shape (used
-    for the factoring decision and the element count of the RMS). ``carry_param_rms`` reuses the
-    sum of x^2 of the previous step's pass 3 (unsharded tensors only, see :func:`apply_update`).
+    ``param``/``grad`` are the local contiguous tensors; ``shape`` is the unsharded shape (the
+    element count of the RMS) and ``dims`` its factored dims. The sharded driver's entry point;
+    unsharded tensors take :func:`group_step`.
     """
     fs = FusedStep()
-    fs.param, fs.state, fs.group = param, state, group
+    fs.param, fs.state, fs.plan, fs.dims = param, state, plan, dims
     fs.shape = tuple(param.shape) if shape is None else tuple(shape)
     fs.numel = math.prod(fs.shape)
-    fs.carry = (
-        carry_param_rms
-        and group["scale_parameter"]
-        and param.numel() == fs.numel
-        and getattr(param, _CARRY_ATTR, None) is not False
-    )
-    t = int(state["step"].item())
-    lr_t = _lr_float(lr)
-    beta2 = ref.beta2_at(t, group["beta2_decay"], group["beta2_cap"], group["beta2"])
-    fs.dims = factor_dims(
-        fs.shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
-    )
-    eps1 = group["eps1"]
-    eps1 = torch.finfo(param.dtype).eps if eps1 is None else float(eps1)
+    fs.carry = False
     a = _Args()
     a.g, a.x = grad.data_ptr(), param.data_ptr()
     a.numel, a.numel_total = param.numel(), fs.numel
-    # the options af_finish / af_apply turn into the step's scalars
-    a.lr = lr_t
-    a.rho = float(ref.relative_step_size(lr_t, t, group["relative_step"], group["warmup_init"]))
-    a.eps2, a.wd, a.wd_mode = (
-        group["eps2"],
-        group["weight_decay"],
-        _WEIGHT_DECAY[group["weight_decay_mode"]],
-    )
-    a.clipnorm = group["clipnorm"] or 0.0
-    a.clip_d = group["clip_threshold"] or 0.0
-    a.scale_param, a.gscale = group["scale_parameter"], 1.0
-    a.sign = -1.0 if group["maximize"] else 1.0
-    a.clipv = math.inf if group["clipvalue"] is None else group["clipvalue"]
+    a.lr = _lr_float(scalars.lr)
+    a.rho = _lr_float(scalars.rho)
+    a.w2 = 1.0 - float(scalars.beta2)
+    a.eps2, a.wd, a.wd_mode = plan.eps2, plan.weight_decay, plan.weight_decay_mode
+    a.clipnorm = plan.clipnorm or 0.0
+    a.clip_d = plan.clip_threshold or 0.0
+    a.scale_param, a.gscale = plan.scale_parameter, 1.0
+    a.sign = -1.0 if plan.maximize else 1.0
+    a.clipv = math.inf if plan.clipvalue is None else plan.clipvalue
+    eps1 = _eps1(plan, param.dtype)
     a.eps1, a.eps_sq = eps1, eps1 * eps1
-    a.w2 = 1.0 - beta2
-    momentum = group["momentum_kind"] if group["beta1"] else None
-    a.mom = _MOMENTUM[momentum]
-    if momentum is not None:
+    a.mom = plan.momentum
+    if plan.momentum != Momentum.NONE:
         m = state["exp_avg"]
         a.m, a.mdt = m.data_ptr(), _DTYPES[m.dtype]
-        a.w1 = 1.0 - group["beta1"]
+        a.w1 = 1.0 - (plan.beta1 or 0.0)
     a.dt = _DTYPES[param.dtype]
-    a.mode = _MODES[(fs.dims is not None, group["eps1_mode"])]
+    a.mode = _MODES[(dims is not None, Eps1Mode(plan.eps1_mode))]
     a.R = a.B = a.C = a.D = 1
     a.nt, a.par_min = torch.get_num_threads(), parallel_min_numel
-    if fs.dims is not None:
-        _, a.R, a.B, a.C, a.D = factor_layout(tuple(param.shape), fs.dims)
+    if dims is not None:
+        _, a.R, a.B, a.C, a.D = factor_layout(tuple(param.shape), dims)
         nrow, ncol = state["row_var"].numel(), state["col_var"].numel()
         fs.sizes = (nrow, ncol, nrow // a.R)
-        # two allocations per tensor step (each torch.empty costs ~1 us of a ~10 us step):
         # float64 row sums | col sums | sums of R, float32 row factors | col factors | mean R
         work64 = torch.empty(sum(fs.sizes), dtype=torch.float64)
-        clamp = group["eps1_mode"] == "clamp"
+        clamp = plan.eps1_mode == Eps1Mode.CLAMP
         work32 = torch.empty(nrow * (2 if clamp else 1) + ncol, dtype=torch.float32)
         fs.keep += [work64, work32]
         a.row = work64.data_ptr()
@@ -359,7 +317,7 @@ def prepare(
         a.fr = work32.data_ptr()
         a.fc = a.fr + 4 * nrow
         a.rm = a.fc + 4 * ncol if clamp else None
-        a.rows_total, a.cols_total = fs.shape[fs.dims.row_dim], fs.shape[fs.dims.col_dim]
+        a.rows_total, a.cols_total = fs.shape[dims.row_dim], fs.shape[dims.col_dim]
         a.rstate, a.cstate = state["row_var"].data_ptr(), state["col_var"].data_ptr()
     else:
         a.v = state["variance"].data_ptr()
@@ -367,25 +325,22 @@ def prepare(
     return fs
 
 
-def _select_x_sum(fs: FusedStep) -> None:
-    """How pass 1 gets the sum of x^2: from the previous step's pass 3 (carried), or by reading x
-    (in pass 3's order when the carry is on, so the sums it carries agree with fresh ones)."""
-    a, p = fs.args, fs.param
-    cached = getattr(p, _CARRY_ATTR, None) if fs.carry else None
-    if cached is not None and cached[:2] == (p.data_ptr(), p._version):
-        a.carried, a.use_carried = cached[2], 1
-    if not fs.group["scale_parameter"] or a.use_carried:
-        a.want_x = 0
-    else:
-        a.want_x = _X_SUMSQ if fs.carry else _X_FUSED
+def _call(entry: str, fs: FusedStep) -> None:
+    """Run one pass entry point; an allocation failure in C becomes MemoryError."""
+    getattr(load(), entry)(ctypes.byref(fs.args))
+    if fs.args.err:
+        raise MemoryError(
+            f"the fused Adafactor kernel could not allocate its work buffers for a tensor of "
+            f"shape {tuple(fs.param.shape)}; free memory or use impl='reference'"
+        )
 
 
 def grad_square_sums(fs: FusedStep) -> tuple[float, float]:
     """Pass 1 (local): the sum of g^2 and the sum of x^2; row and col sums of g^2 go to
     ``fs.work(0)`` / ``fs.work(1)`` when factored."""
-    _select_x_sum(fs)
     a = fs.args
-    load().af_stats(ctypes.byref(a))
+    a.want_x = _X_FUSED if fs.plan.scale_parameter else 0
+    _call("af_stats", fs)
     return a.out[0], a.out[1]
 
 
@@ -405,59 +360,32 @@ def finish_statistics(
         a.out[1] = param_sq
     if global_grad_scale is not None:
         a.gscale = _lr_float(global_grad_scale)
-    load().af_finish(ctypes.byref(a))
+    _call("af_finish", fs)
     fs.alpha = a.alpha_out
 
 
 def factor_scales(fs: FusedStep) -> None:
     """The per-row and per-column factors of passes 2-3 from R, C and the row sums of R."""
     if fs.dims is not None:
-        load().af_factor_scales(ctypes.byref(fs.args))
+        _call("af_factor_scales", fs)
 
 
 def update_square_sum(fs: FusedStep) -> float:
     """Pass 2 (local): update V (and the 'grad' momentum); return the local sum of U^2."""
-    a = fs.args
-    load().af_update_sq(ctypes.byref(a))
-    return a.out[2]
+    _call("af_update_sq", fs)
+    return fs.args.out[2]
 
 
-def _pass3_inputs(fs: FusedStep, generator: torch.Generator | None) -> None:
-    """Stochastic-rounding noise and the carry flags of pass 3."""
-    a, p = fs.args, fs.param
-    if p.dtype == torch.bfloat16 and fs.group["stochastic_rounding"]:
-        noise = torch.randint(
-            0, 1 << 16, p.shape, dtype=torch.int32, device=p.device, generator=generator
-        )
-        fs.keep.append(noise)
-        a.noise = noise.data_ptr()
-    a.carry_x, a.verify_x = int(fs.carry), a.use_carried
-
-
-def _pass3_outputs(fs: FusedStep) -> None:
-    """RMS(U), and the carried sum of x^2: kept for the next step, or found stale."""
-    a, p = fs.args, fs.param
-    fs.update_rms = a.update_rms
-    carried, fresh = a.carried, a.out[3]
-    if a.use_carried and not (carried == fresh or (math.isnan(carried) and math.isnan(fresh))):
-        fs.stale_rms = abs(math.sqrt(carried / fresh) - 1) if fresh > 0 else math.inf
-        setattr(p, _CARRY_ATTR, False)  # this parameter is re-read every step from now on
-    elif fs.carry:
-        setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, a.out[1]))
-
-
-def apply_update(fs: FusedStep, update_sq_sum: float, generator: torch.Generator | None) -> None:
+def apply_update(fs: FusedStep, update_sq_sum: float, noise: Tensor | None) -> None:
     """Pass 3 (local): clip U by RMS(U) (from the all-reduced ``update_sq_sum``), momentum,
-    weight decay, write the parameter.
-
-    With the carry on, it also sums the written x^2 for the next step, and when this step used a
-    carried sum, it re-sums the old x^2 before writing (in the same order, so equal bit for bit
-    unless the parameter was changed behind the version counter; that is reported)."""
+    weight decay, write the parameter (rounded with ``noise`` when stochastic)."""
     a = fs.args
     a.out[2] = update_sq_sum
-    _pass3_inputs(fs, generator)
-    load().af_apply(ctypes.byref(a))
-    _pass3_outputs(fs)
+    if noise is not None:
+        fs.keep.append(noise)
+        a.noise = noise.data_ptr()
+    _call("af_apply", fs)
+    fs.update_rms = a.update_rms
 
 
 def warn_stale_rms(stale: list[tuple[tuple[int, ...], float]]) -> None:
@@ -472,31 +400,207 @@ def warn_stale_rms(stale: list[tuple[tuple[int, ...], float]]) -> None:
         "every step from now on. Change parameters under torch.no_grad() without .data to keep "
         "the faster path, or pass carry_param_rms=False to Adafactor.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=2,
     )
 
 
-def tensor_step(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Any],
-    group: dict[str, Any],
-    lr: float | Tensor,
-    global_grad_scale: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    carry_param_rms: bool = False,
-) -> FusedStep:
-    """All three passes on one unsharded tensor in one call into the kernel; ``alpha``,
-    ``update_rms`` and ``stale_rms`` of the returned step say what happened."""
-    fs = prepare(param, grad, state, group, lr, carry_param_rms=carry_param_rms)
-    _select_x_sum(fs)
-    if global_grad_scale is not None:
-        fs.args.gscale = _lr_float(global_grad_scale)
-    _pass3_inputs(fs, generator)
-    load().af_step(ctypes.byref(fs.args))
-    fs.alpha = fs.args.alpha_out
-    _pass3_outputs(fs)
-    return fs
+# ---------------------------------------------------------------------------------------------
+# one call per param group
+# ---------------------------------------------------------------------------------------------
+# Table columns, as the TI_* / TD_* / GD_* / GI_* enums of csrc/adafactor_cpu.c (af_layout checks
+# the widths at load).
+_TI_G, _TI_X, _TI_M, _TI_V, _TI_NOISE, _TI_RSTATE, _TI_CSTATE, _TI_STEP = range(8)
+_TI_NUMEL, _TI_R, _TI_B, _TI_C, _TI_D, _TI_ROWS, _TI_COLS, _TI_FLAGS, _TABLE_I = range(8, 17)
+_TD_LR, _TD_RHO, _TD_W2, _TD_EPS1, _TD_CARRIED, _TD_ALPHA, _TD_RMS = range(7)
+_TD_NEW_SQ, _TD_OLD_SQ, _TABLE_D = range(7, 10)
+_GROUP_D, _GROUP_I = 8, 6
+_F_BF16, _F_MBF16, _F_FACTORED, _F_CARRY, _F_USE_CARRIED, _F_WANT_X = 1, 2, 4, 8, 16, 32
+
+
+class GroupTables:
+    """The kernel's view of one param group: per-tensor pointers and layout, cached across steps.
+
+    Built once for a list of (param, state) and reused while every pointer is unchanged; each
+    step only refreshes the gradient and noise pointers and the carry flags.
+    """
+
+    def __init__(self, params: list[Tensor], states: list[dict[str, Tensor]], dims: list[Any]):
+        n = len(params)
+        self.ints = torch.zeros(n, _TABLE_I, dtype=torch.int64)
+        self.doubles = torch.zeros(n, _TABLE_D, dtype=torch.float64)
+        self.key = _pointers(params, states)
+        rows = []
+        for p, st, d in zip(params, states, dims):
+            flags = (_F_BF16 if p.dtype == torch.bfloat16 else 0) | (_F_FACTORED if d else 0)
+            m = st.get("exp_avg")
+            if m is not None and m.dtype == torch.bfloat16:
+                flags |= _F_MBF16
+            R = B = C = D = rows_total = cols_total = 1
+            if d is not None:
+                _, R, B, C, D = factor_layout(tuple(p.shape), d)
+                rows_total, cols_total = p.shape[d.row_dim], p.shape[d.col_dim]
+            rows.append([p.numel(), R, B, C, D, rows_total, cols_total, flags])
+        self.ints[:, _TI_NUMEL:] = torch.tensor(rows, dtype=torch.int64).reshape(n, -1)
+        self.ints[:, _TI_X : _TI_STEP + 1] = torch.tensor(self.key, dtype=torch.int64).reshape(
+            n, -1
+        )
+        self.flags = self.ints[:, _TI_FLAGS].clone()
+
+    def valid_for(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
+        return len(params) == self.ints.shape[0] and _pointers(params, states) == self.key
+
+
+def _pointers(params: list[Tensor], states: list[dict[str, Tensor]]) -> list[int]:
+    """x, m, v, row_var, col_var, step pointers of every tensor (0 where absent), flat."""
+    out = []
+    for p, st in zip(params, states):
+        m, v, r, c = st.get("exp_avg"), st.get("variance"), st.get("row_var"), st.get("col_var")
+        out += [
+            p.data_ptr(),
+            m.data_ptr() if m is not None else 0,
+            v.data_ptr() if v is not None else 0,
+            0,  # noise: per step
+            r.data_ptr() if r is not None else 0,
+            c.data_ptr() if c is not None else 0,
+            st["step"].data_ptr(),
+        ]
+    return out
+
+
+def group_step(
+    tables: GroupTables,
+    params: list[Tensor],
+    grads: list[Tensor],
+    plan: GroupPlan,
+    scalars_of: Any,
+    grad_scale: float,
+    noise: list[Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, list[tuple[tuple[int, ...], float]]]:
+    """Every tensor of ``tables`` in one kernel call (their step counters advanced first).
+
+    ``scalars_of(t)`` gives the :class:`StepScalars` of step ``t``. Returns the float64 tensors
+    ``t``, ``alpha_t`` and ``RMS(U)`` (one entry per tensor), and (shape, relative RMS(x) error)
+    of each parameter whose carried sum of x^2 proved stale.
+    """
+    lib = load()
+    ints, doubles, n = tables.ints, tables.doubles, len(params)
+    ints[:, _TI_G] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    if noise is not None:
+        ints[:, _TI_NOISE] = torch.tensor([z.data_ptr() for z in noise], dtype=torch.int64)
+    flags = tables.flags
+    if plan.scale_parameter:
+        flags = flags | _F_WANT_X
+        if plan.carry_param_rms:
+            flags = flags | _F_CARRY
+            carried = [_carried(p) for p in params]
+            use = torch.tensor([c is not None for c in carried])
+            if bool(use.any()):  # pass 1 skips x where the carried sum stands in
+                flags = torch.where(use, (flags | _F_USE_CARRIED) & ~_F_WANT_X, flags)
+                doubles[:, _TD_CARRIED] = torch.tensor(
+                    [c or 0.0 for c in carried], dtype=torch.float64
+                )
+    ints[:, _TI_FLAGS] = flags
+    t = torch.empty(n, dtype=torch.float64)
+    i64p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
+    ints_p = ctypes.cast(ints.data_ptr(), i64p)
+    lib.af_advance_steps(n, ints_p, ctypes.cast(t.data_ptr(), f64p))
+    _fill_scalars(doubles, t, plan, params, scalars_of)
+    gd = torch.tensor(
+        [
+            -1.0 if plan.maximize else 1.0,
+            math.inf if plan.clipvalue is None else plan.clipvalue,
+            1.0 - (plan.beta1 or 0.0),
+            plan.eps2,
+            plan.weight_decay,
+            plan.clipnorm or 0.0,
+            plan.clip_threshold or 0.0,
+            grad_scale,
+        ],
+        dtype=torch.float64,
+    )
+    gi = torch.tensor(
+        [
+            plan.weight_decay_mode,
+            plan.momentum,
+            int(plan.scale_parameter),
+            int(plan.eps1_mode == Eps1Mode.CLAMP),
+            torch.get_num_threads(),
+            parallel_min_numel,
+        ],
+        dtype=torch.int64,
+    )
+    failed = lib.af_group_step(
+        n,
+        ints_p,
+        ctypes.cast(doubles.data_ptr(), f64p),
+        ctypes.cast(gd.data_ptr(), f64p),
+        ctypes.cast(gi.data_ptr(), i64p),
+    )
+    if failed:
+        raise MemoryError(
+            f"the fused Adafactor kernel could not allocate work buffers for {failed} of {n} "
+            "tensors (those were left unchanged, their step counters advanced); free memory or "
+            "use impl='reference'"
+        )
+    carry = plan.scale_parameter and plan.carry_param_rms
+    stale = _keep_carry(params, doubles, flags) if carry else []
+    return t, doubles[:, _TD_ALPHA], doubles[:, _TD_RMS], stale
+
+
+def _fill_scalars(
+    doubles: Tensor, t: Tensor, plan: GroupPlan, params: list[Tensor], scalars_of: Any
+) -> None:
+    """The per-tensor scalar columns from each tensor's t (computed once per distinct t)."""
+    t0 = float(t[0])
+    if bool((t == t0).all()):
+        sc = scalars_of(t0)
+        eps1 = {dt: _eps1(plan, dt) for dt in {p.dtype for p in params}}
+        doubles[:, _TD_LR] = _lr_float(sc.lr)
+        doubles[:, _TD_RHO] = _lr_float(sc.rho)
+        doubles[:, _TD_W2] = 1.0 - float(sc.beta2)
+        if len(eps1) == 1:
+            doubles[:, _TD_EPS1] = next(iter(eps1.values()))
+        else:
+            doubles[:, _TD_EPS1] = torch.tensor(
+                [eps1[p.dtype] for p in params], dtype=torch.float64
+            )
+        return
+    cache: dict[float, StepScalars] = {}
+    rows = []
+    for ti, p in zip(t.tolist(), params):
+        sc = cache.get(ti) or cache.setdefault(ti, scalars_of(ti))
+        rows.append(
+            [_lr_float(sc.lr), _lr_float(sc.rho), 1.0 - float(sc.beta2), _eps1(plan, p.dtype)]
+        )
+    doubles[:, _TD_LR : _TD_EPS1 + 1] = torch.tensor(rows, dtype=torch.float64)
+
+
+def _carried(p: Tensor) -> float | None:
+    """The previous step's sum of x^2 if ``p`` is unchanged since: same storage, and a version
+    counter advanced only by this op's own bump (custom ops bump it before the kernel runs)."""
+    cached = getattr(p, _CARRY_ATTR, None)
+    if cached and cached[0] == p.data_ptr() and cached[1] + 1 == p._version:
+        return cached[2]
+    return None
+
+
+def _keep_carry(
+    params: list[Tensor], doubles: Tensor, flags: Tensor
+) -> list[tuple[tuple[int, ...], float]]:
+    """Keep each parameter's new sum of x^2 for the next step; return the stale carried ones."""
+    stale = []
+    use = (flags & _F_USE_CARRIED).bool().tolist()
+    carried, old, new = (doubles[:, k].tolist() for k in (_TD_CARRIED, _TD_OLD_SQ, _TD_NEW_SQ))
+    for i, p in enumerate(params):
+        if getattr(p, _CARRY_ATTR, None) is False:
+            continue
+        c, o = carried[i], old[i]
+        if use[i] and not (c == o or (math.isnan(c) and math.isnan(o))):
+            stale.append((tuple(p.shape), abs(math.sqrt(c / o) - 1) if o > 0 else math.inf))
+            setattr(p, _CARRY_ATTR, False)  # this parameter is re-read every step from now on
+        else:
+            setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, new[i]))
+    return stale
 
 
 def factor_layout(shape: tuple[int, ...], dims: FactorDims) -> tuple[int, int, int, int, int]:

@@ -1,7 +1,9 @@
-"""``adafactor_step``: step the tensors of one param group; chooses the implementation, no math.
+"""``adafactor``: one param group's step, as one call of the registered op; no math here.
 
-The math lives in :mod:`adafactor._reference`. This module resolves per-tensor scalars (step,
-scheduled learning rate), runs the chosen implementation, and applies the weight EMA.
+The math lives in :mod:`adafactor._reference` and the kernels. This module turns a group into
+the op's arguments (its plan, the tensor lists, the learning rate of the step) and calls
+``torch.ops.adafactor.step_``, or the sharded driver for DTensor parameters. It reads no device
+tensor on the host, so it traces under ``torch.compile`` without graph breaks.
 """
 
 from __future__ import annotations
@@ -11,112 +13,119 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _fused_cpu
-from . import _reference as ref
+from . import (
+    _fused_cpu,
+    ops,  # noqa: F401  (registers torch.ops.adafactor.step_)
+)
+from ._plan import GroupPlan, Momentum, plan_of
+from ._reference import rounding_noise
 from ._validation import resolve_lr
 from .distributed import has_dtensor
-from .kernels import triton_module
+from .factoring import FactorDims, factor_dims
 
-__all__ = ["GroupResult", "adafactor_step", "advance_steps"]
+__all__ = ["GroupResult", "adafactor", "group_plan", "step_lr"]
 
 
 class GroupResult(NamedTuple):
-    """Per-tensor diagnostics of one group's step (device tensors; no host sync to build)."""
+    """Per-tensor diagnostics of one group's step (tensors; no host sync to build)."""
 
     lr: float | Tensor  # lr_t of the step
-    alphas: list[Tensor | float]  # alpha_t of each tensor that was stepped (float: host value)
-    update_rms: list[Tensor | float]  # RMS(U) before clipping, same order
+    alpha: Tensor  # alpha_t of each tensor that was stepped (float32)
+    update_rms: Tensor  # RMS(U) before clipping, same order
 
 
-def adafactor_step(
+def group_plan(group: dict[str, Any], impl: str, carry_param_rms: bool) -> GroupPlan:
+    """The plan of ``group``: its options and the implementation to run."""
+    return plan_of(group, impl=impl, carry_param_rms=carry_param_rms)
+
+
+def step_lr(lr: Any, states: list[dict[str, Any]]) -> float | Tensor:
+    """lr_t of the coming step: the float or tensor itself, or a schedule of the 0-based update
+    index (Keras' convention; the group's first stepped tensor's counter, read on the host)."""
+    if callable(lr) and not isinstance(lr, Tensor):
+        return resolve_lr(lr, int(states[0]["step"]) if states else 0)
+    return lr
+
+
+def adafactor(
     params: list[Tensor],
     grads: list[Tensor],
     states: list[dict[str, Any]],
     group: dict[str, Any],
     *,
     global_grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     generator: torch.Generator | None = None,
     impl: str = "auto",
-    carry_param_rms: bool = False,
+    carry_param_rms: bool = True,
 ) -> GroupResult:
-    """One Adafactor step for ``params`` (all in ``group``) with state already initialised.
+    """One Adafactor step for ``params`` (all in ``group``), whose state is initialised.
 
     ``global_grad_scale`` is the global_clipnorm factor shared by all tensors, if any;
-    ``carry_param_rms`` lets the fused CPU path reuse the previous step's sum of x^2.
+    ``found_inf`` (a bool tensor) skips the step when true (``skip_nonfinite``), counting it in
+    ``group["skipped_steps"]``; ``generator`` drives stochastic rounding.
     """
+    plan = group_plan(group, impl, carry_param_rms)
+    lr_t = step_lr(group["lr"], states)
+    if impl == "fused" and any(p.device.type == "cpu" for p in params):
+        _fused_cpu.load()  # raises FusedUnavailableError naming the cause and the fix
     if has_dtensor(params):  # sharded parameters: local passes plus batched collectives
         from .distributed.dtensor import sharded_adafactor_step
 
-        out = sharded_adafactor_step(
-            params, grads, states, group, global_grad_scale, generator, _use_fused(impl)
-        )
-        return GroupResult(*out)
-    use_fused = _use_fused(impl)
-    alphas: list[Tensor | float] = []
-    update_rms: list[Tensor | float] = []
-    lr_t: float | Tensor = 0.0
-    stale: list[tuple[tuple[int, ...], float]] = []  # carried RMS(x) that proved stale
-    advance_steps(states)
-    for p, g, state in zip(params, grads, states):
-        lr_t = resolve_lr(group["lr"], int(state["step"].item()) - 1)
-        if p.numel() == 0:
-            continue
-        if use_fused and _fused_cpu.supports(p, g, state):
-            fs = _fused_cpu.tensor_step(
-                p, g, state, group, lr_t, global_grad_scale, generator, carry_param_rms
+        if found_inf is not None and bool(found_inf):  # decided alike on every rank
+            group["skipped_steps"] += 1
+            zeros = torch.zeros(len(params), dtype=torch.float32)
+            return GroupResult(lr_t, zeros, zeros)
+        return GroupResult(
+            *sharded_adafactor_step(
+                params, grads, states, group, plan, lr_t, global_grad_scale, generator
             )
-            alphas.append(fs.alpha)
-            update_rms.append(fs.update_rms)
-            if fs.stale_rms is not None:
-                stale.append((tuple(p.shape), fs.stale_rms))
-        elif impl == "triton" and global_grad_scale is None and _triton_ok(p, g, state, group):
-            alpha_t, rms_t = triton_module().tensor_step(p, g, state, group, lr_t)
-            alphas.append(alpha_t)
-            update_rms.append(rms_t)
+        )
+    dims = [_dims_of(p, group) for p in params]
+    row_vars, col_vars, variances = [], [], []
+    for d, state in zip(dims, states):
+        if d is None:
+            variances.append(state["variance"])
         else:
-            ts = ref.prepare(p, g, state, group, lr_t)
-            ref.adafactor_tensor_step(ts, global_grad_scale, generator)
-            assert ts.update_rms is not None
-            alphas.append(ts.alpha)  # float32 when the optimizer stacks the stats
-            update_rms.append(ts.update_rms)
-        if group["use_ema"]:
-            update_ema(p, state, group)
-    if stale:
-        _fused_cpu.warn_stale_rms(stale)
-    return GroupResult(lr_t, alphas, update_rms)
-
-
-def advance_steps(states: list[dict[str, Any]]) -> None:
-    """t <- t + 1 for every tensor of a group in one call (a per-tensor ``+= 1`` costs ~2 us)."""
-    if states:
-        torch._foreach_add_([state["step"] for state in states], 1.0)
-
-
-def _use_fused(impl: str) -> bool:
-    """impl='fused' insists on the C kernel (clear error if it cannot build); 'auto' uses it when it
-    builds, except while torch.compile traces (the traced reference stays graph-friendly)."""
-    if impl == "reference" or torch.compiler.is_compiling():
-        return False
-    if impl == "fused":
-        _fused_cpu.load()  # raises FusedUnavailableError naming the cause and the fix
-        return True
-    return _fused_cpu.available()
-
-
-def _triton_ok(p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
-    # impl="triton" is opt-in until the kernels have been timed on a GPU; CUDA tensors only
-    return (
-        p.is_cuda
-        and not torch.compiler.is_compiling()
-        and triton_module().supports(p, g, state, group)
+            row_vars.append(state["row_var"])
+            col_vars.append(state["col_var"])
+    noise: list[Tensor] = []
+    if plan.stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params):
+        noise = [_noise(p, generator) for p in params]
+    lr_tensor = lr_t if isinstance(lr_t, Tensor) else torch.full((), lr_t, dtype=torch.float64)
+    alpha, update_rms = torch.ops.adafactor.step_(
+        params,
+        grads,
+        [state["step"] for state in states],
+        row_vars,
+        col_vars,
+        variances,
+        [state["exp_avg"] for state in states] if plan.momentum != Momentum.NONE else [],
+        [state["ema"] for state in states] if plan.use_ema else [],
+        noise,
+        [i for d in dims for i in (d if d is not None else (-1, -1))],
+        lr_tensor.reshape(()),
+        global_grad_scale,
+        found_inf,
+        group["skipped_steps"],
+        *plan.as_args(),
     )
+    return GroupResult(lr_t, alpha, update_rms)
 
 
-def update_ema(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """ema <- m * ema + (1 - m) * x; every ``ema_overwrite_frequency`` steps x <- ema (Keras)."""
-    ema, momentum = state["ema"], group["ema_momentum"]
-    # tf_keras' expression (two products and a sum), so the EMA rounds as it does there.
-    ema.copy_(ema * momentum + p.to(ema.dtype) * (1 - momentum))
-    freq = group["ema_overwrite_frequency"]
-    if freq is not None and int(state["step"].item()) % freq == 0:
-        p.copy_(ema)
+_EMPTY_NOISE = torch.empty(0, dtype=torch.int32)
+
+
+def _noise(p: Tensor, generator: torch.Generator | None) -> Tensor:
+    # the reference's draws, in parameter order; float32 parameters are never rounded
+    return rounding_noise(p, generator) if p.dtype == torch.bfloat16 else _EMPTY_NOISE
+
+
+_DIMS: dict[tuple[Any, ...], FactorDims | None] = {}
+
+
+def _dims_of(p: Tensor, group: dict[str, Any]) -> FactorDims | None:
+    key = (p.shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"])
+    if key not in _DIMS:
+        _DIMS[key] = factor_dims(tuple(p.shape), *key[1:])
+    return _DIMS[key]

@@ -15,7 +15,7 @@ from . import _reference as ref
 from . import distributed
 from ._validation import IMPLS, check_group, check_param
 from .factoring import factor_dims
-from .functional import adafactor_step
+from .functional import _dims_of, adafactor
 from .presets import preset_defaults
 
 __all__ = ["Adafactor", "LRSchedule", "StepStats"]
@@ -89,7 +89,7 @@ class StepStats(NamedTuple):
     """What one param group's last step did, as device tensors (reading them is the only sync).
 
     ``alpha``, ``update_rms`` and ``clipped`` have one entry per parameter that had a gradient,
-    in group order.
+    in group order (0 for an empty parameter, and for every parameter of a skipped step).
     """
 
     lr: float | Tensor  # lr_t of the step (the schedule's value when lr is a schedule)
@@ -179,7 +179,8 @@ class Adafactor(Optimizer):
             float64 parameters), whatever the parameter dtype.
         stochastic_rounding: round bf16 parameters stochastically when writing them back.
         skip_nonfinite: skip the whole group's step (no state change) when any of its gradients
-            holds inf or NaN, and count it in ``group["skipped_steps"]``. Costs one host sync.
+            holds inf or NaN, and count it in ``group["skipped_steps"]`` (a 0-d tensor: no host
+            sync). With ``global_clipnorm`` a non-finite gradient in any group skips every group.
         impl: ``"auto"`` (the fastest available path: the fused CPU kernel when it builds),
             ``"reference"`` (the readable math), ``"fused"`` (the CPU kernel, or a clear error),
             ``"triton"`` (CUDA kernels, experimental).
@@ -341,7 +342,7 @@ class Adafactor(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group.setdefault("skipped_steps", 0)
+        _migrate_group(group)
         check_group(group)
         index = len(self.param_groups) - 1
         for i, p in enumerate(group["params"]):
@@ -359,10 +360,9 @@ class Adafactor(Optimizer):
                 setattr(self, key, value)
         self.last_step_stats = []
         for group in self.param_groups:  # checkpoints from older versions lack newer options
-            _migrate_group(group)
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
-            group.setdefault("skipped_steps", 0)
+            _migrate_group(group)
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return group["state_dtype"] or ref.compute_dtype(p.dtype)
@@ -391,16 +391,34 @@ class Adafactor(Optimizer):
         return out
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """Create every state tensor ``p`` needs under ``group``'s options that it lacks, and
+        drop those it no longer needs (options changed after the first step)."""
         state = self.state[p]
-        for key, (shape, dtype) in self._expected_state(p, group).items():
+        expected = self._expected_state(p, group)
+        for key in [k for k in state if k in _STATE_KEYS and k not in expected]:
+            del state[key]
+        for key, (shape, dtype) in expected.items():
+            if key in state:
+                continue
             if key == "step":
                 state[key] = torch.zeros((), dtype=dtype)
-            elif key == "ema":  # tf_keras starts the average at the weights' initial value
+            elif key == "ema":  # tf_keras starts the average at the weights' current value
                 state[key] = p.detach().to(dtype=dtype, copy=True)
-            elif key not in state and distributed.has_dtensor([p]):  # shards laid out like p
+            elif distributed.has_dtensor([p]):  # shards laid out like p
                 state[key] = distributed.new_state_buffer(p, shape, dtype)
-            elif key not in state:
+            else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        return state
+
+    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``p``'s state, completed when an option that needs more state was turned on."""
+        state = self.state[p]
+        if "step" not in state:
+            return self._init_state(p, group)
+        if (group["beta1"] and "exp_avg" not in state) or (group["use_ema"] and "ema" not in state):
+            return self._init_state(p, group)
+        if ("variance" in state) != (_dims_of(p, group) is None):
+            return self._init_state(p, group)
         return state
 
     # -----------------------------------------------------------------------------------------
@@ -408,7 +426,10 @@ class Adafactor(Optimizer):
     # -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """Perform one step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Each param group is one call of ``torch.ops.adafactor.step_``; nothing is read back to
+        the host, so ``torch.compile(opt.step)`` traces it whole."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -416,13 +437,20 @@ class Adafactor(Optimizer):
 
         work = [self._grads_of(group, i) for i, group in enumerate(self.param_groups)]
         global_scale = self._global_grad_scale(work) if self.global_clipnorm else None
+        skip_all = None  # with global_clipnorm a non-finite gradient anywhere skips every group
+        if global_scale is not None and any(g["skip_nonfinite"] for g in self.param_groups):
+            skip_all = _found_inf([g for _, grads in work for g in grads])
         self.last_step_stats = []
         for group, (params, grads) in zip(self.param_groups, work):
-            if group["skip_nonfinite"] and grads and not _all_finite(grads):
-                group["skipped_steps"] += 1
+            if not params:
                 self.last_step_stats.append(None)
                 continue
-            self.last_step_stats.append(self._step_group(group, params, grads, global_scale))
+            found_inf = None
+            if group["skip_nonfinite"]:
+                found_inf = skip_all if skip_all is not None else _found_inf(grads)
+            self.last_step_stats.append(
+                self._step_group(group, params, grads, global_scale, found_inf)
+            )
         return loss
 
     def _grads_of(self, group: dict[str, Any], index: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -458,24 +486,24 @@ class Adafactor(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         global_scale: Tensor | None,
-    ) -> StepStats | None:
-        states = [self.state[p] if self.state[p] else self._init_state(p, group) for p in params]
-        result = adafactor_step(
+        found_inf: Tensor | None,
+    ) -> StepStats:
+        states = [self._state_of(p, group) for p in params]
+        result = adafactor(
             params,
             grads,
             states,
             group,
             global_grad_scale=global_scale,
+            found_inf=found_inf,
             generator=self.generator,
             impl=self.impl,
             carry_param_rms=self.carry_param_rms,
         )
-        if not result.alphas:
-            return None
-        rms = _stack(result.update_rms)
+        rms = result.update_rms.float()
         threshold = group["clip_threshold"]
         clipped = rms > threshold if threshold is not None else torch.zeros_like(rms, dtype=bool)
-        return StepStats(result.lr, _stack(result.alphas), rms, clipped)
+        return StepStats(result.lr, result.alpha.float(), rms, clipped)
 
     def finalize_variable_values(self) -> None:
         """Write the EMA of the weights into the parameters (Keras' end-of-training call)."""
@@ -574,18 +602,16 @@ def _migrate_group(group: dict[str, Any]) -> dict[str, Any]:
     read as a number."""
     if isinstance(group.get("momentum"), str):
         group.setdefault("momentum_kind", group.pop("momentum"))
+    # the skip counter is a tensor the step op increments (no host sync); it was an int
+    skipped = group.get("skipped_steps", 0)
+    if not isinstance(skipped, Tensor):
+        group["skipped_steps"] = torch.tensor(int(skipped), dtype=torch.int64)
     return group
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    if distributed.has_dtensor(tensors):  # every rank must skip the same steps
-        return distributed.all_finite(tensors)
-    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
-    return bool(flags.all())
-
-
-def _stack(values: list[Tensor | float]) -> Tensor:
-    """One float32 tensor of per-tensor stats: host floats (fused path) in one call, else stack."""
-    if all(isinstance(v, float) for v in values):
-        return torch.tensor(values, dtype=torch.float32)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values])
+def _found_inf(grads: list[Tensor]) -> Tensor:
+    """A bool tensor: some gradient holds inf or NaN (the max-abs norm is not finite; no sync)."""
+    if distributed.has_dtensor(grads):  # every rank must skip the same steps
+        return distributed.found_inf(grads)
+    norms = torch._foreach_norm(grads, float("inf"))
+    return torch.stack(norms).isfinite().all().logical_not()

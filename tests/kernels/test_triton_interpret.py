@@ -23,11 +23,18 @@ pytestmark = [
 _CHECK = textwrap.dedent(
     """
     import torch
-    from adafactor import Adafactor, _reference as ref
+    from adafactor import Adafactor
     from adafactor.kernels import triton_module
-    from adafactor.functional import resolve_lr
 
     tk = triton_module()
+    kernel_step, calls = tk.tensor_step, [0]
+
+    def counted(*args):  # every tensor of every step must run the kernels, not the reference
+        calls[0] += 1
+        return kernel_step(*args)
+
+    tk.tensor_step = counted
+
     CASES = [
         {},
         {"beta1": 0.9},
@@ -36,7 +43,10 @@ _CHECK = textwrap.dedent(
         {"factored": False, "maximize": True},
         {"weight_decay": 0.1, "weight_decay_mode": "alpha", "clipvalue": 0.01},
         {"weight_decay": 0.1, "weight_decay_mode": "lr_before", "clip_threshold": None},
+        {"weight_decay": 0.1, "weight_decay_mode": "lr"},
+        {"weight_decay": 0.1, "weight_decay_mode": "unscaled"},
         {"lr": 1e-3, "relative_step": False, "scale_parameter": False},
+        {"use_ema": True, "ema_momentum": 0.9},
     ]
     SHAPES = [(5, 3), (2, 17, 70), (300,), (1, 1)]
     for kwargs in CASES:
@@ -46,24 +56,18 @@ _CHECK = textwrap.dedent(
             grads = [[(torch.randn(s, generator=g0) * 1e-2).to(dtype) for s in SHAPES]
                      for _ in range(3)]
             runs = []
-            for use_triton in (False, True):
-                params = [p.clone() for p in init]
-                opt = Adafactor(params, impl="reference", **kwargs)
-                group = opt.param_groups[0]
-                states = [opt._init_state(p, group) for p in params]
+            for impl in ("reference", "triton"):
+                params = [p.clone().requires_grad_(True) for p in init]
+                opt = Adafactor(params, impl=impl, **kwargs)
+                calls[0] = 0
                 for step in range(3):
-                    for p, g, st in zip(params, grads[step], states):
-                        st["step"] += 1
-                        lr = resolve_lr(group["lr"], int(st["step"].item()) - 1)
-                        if use_triton:
-                            assert tk.supports(p, g, st, group), (kwargs, p.shape)
-                            tk.tensor_step(p, g, st, group, lr)
-                        else:
-                            ts = ref.prepare(p, g, st, group, lr)
-                            ref.adafactor_tensor_step(ts)
-                runs.append((params, states))
+                    for p, g in zip(params, grads[step]):
+                        p.grad = g
+                    opt.step()
+                assert calls[0] == (3 * len(SHAPES) if impl == "triton" else 0), (kwargs, calls)
+                runs.append((params, [opt.state[p] for p in params]))
             for pr, pt, sr, st in zip(runs[0][0], runs[1][0], runs[0][1], runs[1][1]):
-                pairs = [(pt, pr)] + [(st[k], sr[k]) for k in sr if k != "step"]
+                pairs = [(pt.detach(), pr.detach())] + [(st[k], sr[k]) for k in sr]
                 for a, e in pairs:
                     diff = (a.double() - e.double()).abs().max().item()
                     scale = e.double().abs().max().item()

@@ -27,13 +27,22 @@ typedef long long i64;
 #define SEG 4096
 
 
+/* The options' values come from the Python enums of adafactor/_plan.py, passed as -D definitions
+ * by adafactor/_fused_cpu.py (one definition per mode, shared with the Triton kernels). */
+#ifndef AF_MOM_UPDATE
+#error "build this file through adafactor._fused_cpu, which defines the AF_* option values"
+#endif
+/* momentum kind: what the first moment averages (Momentum) */
+enum { MOM_NONE = AF_MOM_NONE, MOM_GRAD = AF_MOM_GRAD, MOM_NORM = AF_MOM_NORMALIZED_UPDATE,
+       MOM_UPD = AF_MOM_UPDATE };
+/* weight decay (WeightDecay): x(1 - lr wd); x - x(lr wd) with RMS(x) scaled by |1 - lr wd|;
+ * x - x(alpha wd); x - x wd */
+enum { WD_LR = AF_WD_LR, WD_LR_BEFORE = AF_WD_LR_BEFORE, WD_ALPHA = AF_WD_ALPHA,
+       WD_UNSCALED = AF_WD_UNSCALED };
+/* the kernel's own layout code: factored or not x where eps1 enters (Eps1Mode) */
 enum { MODE_FACT_ADD = 0, MODE_FACT_CLAMP = 1, MODE_FULL_ADD = 2, MODE_FULL_CLAMP = 3 };
-/* momentum kind: what the first moment averages, and its storage dtype */
-enum { MOM_NONE = 0, MOM_GRAD = 1, MOM_NORM = 2, MOM_UPD = 3 };
 /* pass 1's sum of x^2: none; fused into the loop over g; or by sumsq, in pass 3's order (carry) */
 enum { X_NONE = 0, X_FUSED = 1, X_SUMSQ = 2 };
-/* weight decay: x(1 - lr wd); x - x(lr wd) with RMS(x) scaled by |1 - lr wd|; x - x(alpha wd); x - x wd */
-enum { WD_LR = 0, WD_LR_BEFORE = 1, WD_ALPHA = 2, WD_UNSCALED = 3 };
 
 typedef struct {
     const void *g;    /* gradient, dtype dt */
@@ -69,6 +78,8 @@ typedef struct {
     double carried;    /* with use_carried: the previous step's sum of x^2, which af_stats reports */
     int scale_param, wd_mode, use_carried;
     double alpha_out, update_rms; /* alpha_t and RMS(U) of the step, as the reference's floats */
+    double *segbuf;    /* 2 * segments + 1 doubles for the passes' partial sums, or NULL (malloc) */
+    int err;           /* set when an allocation failed: nothing was written to x or the state */
 } Args;
 
 AI float bf2f(uint16_t h) {
@@ -321,6 +332,10 @@ AI void stats_seg(Args *a, const int bf, const int factored, const int d1, i64 s
 AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restrict mycol,
                      double *segg, double *segx) {
     float *restrict fbuf = (float *)calloc((size_t)L, sizeof(float));
+    if (!fbuf) {
+        a->err = 1; /* the caller writes nothing: pass 1 only fills its own buffers */
+        return;
+    }
     const void *restrict g = a->g;
     const void *restrict x = a->x;
     const float sign = a->sign, clipv = a->clipv;
@@ -398,18 +413,27 @@ EXPORT void af_stats(Args *a) {
     nsegs(a, factored, &nseg, &L);
     const int nt = threads_for(a);
     const i64 ncol = factored ? a->numel / a->R : 0;
-    double *segg = (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
-    double *segx = segg + nseg;
+    double *segg = a->segbuf ? a->segbuf : (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
     double *colp = NULL;
-    if (factored) {
-        memset(a->col, 0, sizeof(double) * (size_t)ncol);
-        colp = nt > 1 ? (double *)calloc((size_t)(nt * ncol), sizeof(double)) : a->col;
+    if (factored) colp = nt > 1 ? (double *)calloc((size_t)(nt * ncol), sizeof(double)) : a->col;
+    if (!segg || (factored && !colp)) {
+        if (segg != a->segbuf) free(segg);
+        if (colp != a->col) free(colp);
+        a->err = 1;
+        return;
     }
+    double *segx = segg + nseg;
+    if (factored) memset(a->col, 0, sizeof(double) * (size_t)ncol);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
         double *mycol = factored && nt > 1 ? colp + t * ncol : colp;
         stats_dispatch(a, factored, nseg * t / n, nseg * (t + 1) / n, L, mycol, segg, segx);
+    }
+    if (a->err) {
+        if (colp != a->col) free(colp);
+        if (segg != a->segbuf) free(segg);
+        return;
     }
     if (factored && nt > 1) {
         for (int t = 0; t < nt; t++) {
@@ -424,7 +448,7 @@ EXPORT void af_stats(Args *a) {
         for (i64 k = 0; k < nseg; k++) xs += segx[k];
     a->out[0] = gs;
     a->out[1] = a->use_carried ? a->carried : xs; /* the carried sum stands in for x's */
-    free(segg);
+    if (segg != a->segbuf) free(segg);
 }
 
 /* ------------------------------------------------------------------------------------------- */
@@ -766,7 +790,11 @@ static void elem_run(Args *a, int pass) {
     nsegs(a, factored, &nseg, &L);
     const int nt = threads_for(a);
     /* per segment: sum u^2 (pass 2) or x_new^2 (pass 3), then x_old^2 (pass 3, verify_x) */
-    double *seg = (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
+    double *seg = a->segbuf ? a->segbuf : (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
+    if (!seg) {
+        a->err = 1;
+        return;
+    }
     double *segv = seg + nseg;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -780,7 +808,7 @@ static void elem_run(Args *a, int pass) {
         for (i64 s = 0; s < nseg; s++) old += segv[s];
     a->out[pass == 2 ? 2 : 1] = sum;
     if (pass == 3) a->out[3] = old;
-    free(seg);
+    if (seg != a->segbuf) free(seg);
 }
 
 EXPORT void af_update_sq(Args *a) { elem_run(a, 2); }
@@ -805,13 +833,135 @@ EXPORT void af_apply(Args *a) {
     elem_run(a, 3);
 }
 
-/* All of one unsharded tensor's step: pass 1, the scalars, R and C, pass 2, pass 3. */
+/* All of one unsharded tensor's step: pass 1, the scalars, R and C, pass 2, pass 3. The partial
+ * sums' buffer is allocated first, so a failed allocation leaves x and the state untouched. */
 EXPORT void af_step(Args *a) {
+    const int factored = a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP;
+    i64 nseg, L;
+    nsegs(a, factored, &nseg, &L);
+    double *own = a->segbuf ? NULL : (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
+    if (own) a->segbuf = own;
+    if (!a->segbuf) {
+        a->err = 1;
+        return;
+    }
     af_stats(a);
-    af_finish(a);
-    if (a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP) af_factor_scales(a);
-    elem_run(a, 2);
-    af_apply(a);
+    if (!a->err) {
+        af_finish(a);
+        if (factored) af_factor_scales(a);
+        elem_run(a, 2);
+        af_apply(a);
+    }
+    if (own) {
+        free(own);
+        a->segbuf = NULL;
+    }
 }
 
-EXPORT int af_abi_version(void) { return 4; }
+/* ------------------------------------------------------------------------------------------- */
+/* one call per param group                                                                     */
+/* ------------------------------------------------------------------------------------------- */
+/* Per tensor, TABLE_I int64 (pointers, layout, flags) and TABLE_D float64 (this step's scalars in,
+ * its statistics out); per group, the options in GROUP_D / GROUP_I. Layouts: _fused_cpu.py. */
+enum { TI_G, TI_X, TI_M, TI_V, TI_NOISE, TI_RSTATE, TI_CSTATE, TI_STEP, TI_NUMEL, TI_R, TI_B, TI_C, TI_D,
+       TI_ROWS, TI_COLS, TI_FLAGS, TABLE_I };
+enum { TD_LR, TD_RHO, TD_W2, TD_EPS1, TD_CARRIED, TD_ALPHA, TD_RMS, TD_NEW_SQ, TD_OLD_SQ, TABLE_D };
+enum { GD_SIGN, GD_CLIPV, GD_W1, GD_EPS2, GD_WD, GD_CLIPNORM, GD_CLIP_D, GD_GSCALE, GROUP_D };
+enum { GI_WD_MODE, GI_MOM, GI_SCALE_PARAM, GI_CLAMP, GI_NT, GI_PAR_MIN, GROUP_I };
+/* TI_FLAGS bits */
+enum { F_BF16 = 1, F_MBF16 = 2, F_FACTORED = 4, F_CARRY = 8, F_USE_CARRIED = 16, F_WANT_X = 32 };
+
+/* One tensor of a group: its Args from the tables, work buffers, the step. 0, or 1 when an
+ * allocation failed (nothing written). */
+static int group_tensor(const i64 *ti, double *td, const double *gd, const i64 *gi, int nt) {
+    Args a;
+    memset(&a, 0, sizeof a);
+    const i64 flags = ti[TI_FLAGS];
+    const int factored = (flags & F_FACTORED) != 0, clamp = (int)gi[GI_CLAMP];
+    a.g = (const void *)ti[TI_G];
+    a.x = (void *)ti[TI_X];
+    a.m = (void *)ti[TI_M];
+    a.v = (float *)ti[TI_V];
+    a.noise = (const int32_t *)ti[TI_NOISE];
+    a.numel = a.numel_total = ti[TI_NUMEL];
+    a.R = ti[TI_R], a.B = ti[TI_B], a.C = ti[TI_C], a.D = ti[TI_D];
+    a.rows_total = ti[TI_ROWS], a.cols_total = ti[TI_COLS];
+    a.par_min = gi[GI_PAR_MIN];
+    a.nt = nt;
+    a.dt = (flags & F_BF16) != 0, a.mdt = (flags & F_MBF16) != 0;
+    a.mode = factored ? (clamp ? MODE_FACT_CLAMP : MODE_FACT_ADD)
+                      : (clamp ? MODE_FULL_CLAMP : MODE_FULL_ADD);
+    a.mom = (int)gi[GI_MOM];
+    a.wd_mode = (int)gi[GI_WD_MODE], a.scale_param = (int)gi[GI_SCALE_PARAM];
+    a.sign = (float)gd[GD_SIGN], a.clipv = (float)gd[GD_CLIPV], a.w1 = (float)gd[GD_W1];
+    a.eps2 = gd[GD_EPS2], a.wd = gd[GD_WD], a.clipnorm = gd[GD_CLIPNORM];
+    a.clip_d = gd[GD_CLIP_D], a.gscale = gd[GD_GSCALE];
+    a.lr = td[TD_LR], a.rho = td[TD_RHO];
+    a.w2 = (float)td[TD_W2];
+    a.eps1 = (float)td[TD_EPS1], a.eps_sq = (float)(td[TD_EPS1] * td[TD_EPS1]);
+    a.carried = td[TD_CARRIED];
+    a.use_carried = (flags & F_USE_CARRIED) != 0;
+    a.carry_x = (flags & F_CARRY) != 0;
+    a.verify_x = a.use_carried;
+    a.want_x = !(flags & F_WANT_X) ? X_NONE : (a.carry_x ? X_SUMSQ : X_FUSED);
+    void *work = NULL;
+    if (factored) {
+        const i64 nrow = a.numel / a.C, ncol = a.numel / a.R;
+        const i64 n64 = nrow + ncol + nrow / a.R, n32 = nrow * (clamp ? 2 : 1) + ncol;
+        work = malloc(sizeof(double) * (size_t)n64 + sizeof(float) * (size_t)n32);
+        if (!work) return 1;
+        a.row = (double *)work;
+        a.col = a.row + nrow;
+        a.rsum = a.col + ncol;
+        a.fr = (float *)(a.rsum + nrow / a.R);
+        a.fc = a.fr + nrow;
+        a.rm = clamp ? a.fc + ncol : NULL;
+        a.rstate = (float *)ti[TI_RSTATE];
+        a.cstate = (float *)ti[TI_CSTATE];
+    }
+    af_step(&a);
+    free(work);
+    if (a.err) return 1;
+    td[TD_ALPHA] = a.alpha_out;
+    td[TD_RMS] = a.update_rms;
+    td[TD_NEW_SQ] = a.out[1];
+    td[TD_OLD_SQ] = a.out[3];
+    return 0;
+}
+
+/* Every tensor of a param group in one call. Tensors below the parallel threshold run one per
+ * thread (their sums do not depend on which thread), larger ones one at a time on all threads.
+ * Returns the number of tensors whose allocation failed (those were left untouched). */
+EXPORT int af_group_step(int n, const i64 *ti, double *td, const double *gd, const i64 *gi) {
+    const int nt = (int)gi[GI_NT];
+    const i64 par_min = gi[GI_PAR_MIN];
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) reduction(+ : failed) if (nt > 1 && n > 1)
+    for (int i = 0; i < n; i++)
+        if (ti[i * TABLE_I + TI_NUMEL] < par_min)
+            failed += group_tensor(ti + i * TABLE_I, td + i * TABLE_D, gd, gi, 1);
+    for (int i = 0; i < n; i++)
+        if (ti[i * TABLE_I + TI_NUMEL] >= par_min)
+            failed += group_tensor(ti + i * TABLE_I, td + i * TABLE_D, gd, gi, nt);
+    return failed;
+}
+
+/* t <- t + 1 for every tensor's step counter (float64), and the new t of each into t_out: the
+ * caller turns them into the step's scalars (adafactor._plan.step_scalars) before the step. */
+EXPORT void af_advance_steps(int n, const i64 *ti, double *t_out) {
+    for (int i = 0; i < n; i++) {
+        double *step = (double *)ti[i * TABLE_I + TI_STEP];
+        t_out[i] = *step += 1.0;
+    }
+}
+
+/* The layout checks of the Python side: sizeof(Args) for the ctypes mirror, the table widths. */
+EXPORT i64 af_layout(int what) {
+    switch (what) {
+    case 0: return (i64)sizeof(Args);
+    case 1: return TABLE_I;
+    case 2: return TABLE_D;
+    case 3: return GROUP_D;
+    default: return GROUP_I;
+    }
+}

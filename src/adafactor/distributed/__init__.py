@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
-    "all_finite",
     "check_mesh",
+    "found_inf",
     "grad_square_sum",
     "has_dtensor",
     "load_state_tensor",
@@ -23,8 +23,8 @@ __all__ = [
 ]
 
 _LAZY = (
-    "all_finite",
     "check_mesh",
+    "found_inf",
     "grad_square_sum",
     "load_state_tensor",
     "new_state_buffer",

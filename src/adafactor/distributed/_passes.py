@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import _fused_cpu as fused
 from .. import _reference as ref
+from .._plan import GroupPlan, Impl, StepScalars
 from ..factoring import FactorDims
 
 __all__ = ["FusedPasses", "LocalPasses", "ReferencePasses", "local_passes"]
@@ -46,9 +47,10 @@ class LocalPasses:
         raise NotImplementedError
 
     def apply_update(
-        self, update_sq: Tensor, generator: torch.Generator | None
+        self, update_sq: Tensor, noise: Tensor | None
     ) -> tuple[float | Tensor, float | Tensor]:
-        """Pass 3 given the reduced sum of U^2; returns (alpha_t, RMS(U))."""
+        """Pass 3 given the reduced sum of U^2 (``noise``: stochastic rounding's draws);
+        returns (alpha_t, RMS(U))."""
         raise NotImplementedError
 
 
@@ -82,9 +84,9 @@ class ReferencePasses(LocalPasses):
         return ref.update_square_sum(self.ts).double()
 
     def apply_update(
-        self, update_sq: Tensor, generator: torch.Generator | None
+        self, update_sq: Tensor, noise: Tensor | None
     ) -> tuple[float | Tensor, float | Tensor]:
-        ref.apply_update(self.ts, update_sq.to(self.ts.grad.dtype), generator)
+        ref.apply_update(self.ts, update_sq.to(self.ts.grad.dtype), noise)
         assert self.ts.update_rms is not None
         return self.ts.alpha, self.ts.update_rms
 
@@ -120,9 +122,9 @@ class FusedPasses(LocalPasses):
         return _f64(fused.update_square_sum(self.fs))
 
     def apply_update(
-        self, update_sq: Tensor, generator: torch.Generator | None
+        self, update_sq: Tensor, noise: Tensor | None
     ) -> tuple[float | Tensor, float | Tensor]:
-        fused.apply_update(self.fs, float(update_sq.item()), generator)
+        fused.apply_update(self.fs, float(update_sq.item()), noise)
         return self.fs.alpha, self.fs.update_rms
 
 
@@ -130,12 +132,18 @@ def local_passes(
     param: Tensor,
     grad: Tensor,
     state: dict[str, Any],
-    group: dict[str, Any],
-    lr: float | Tensor,
+    plan: GroupPlan,
+    scalars: StepScalars,
+    dims: FactorDims | None,
     shape: tuple[int, ...],
-    use_fused: bool,
 ) -> LocalPasses:
-    """The fused kernel for a non-empty CPU shard it supports, else the reference math."""
-    if use_fused and param.numel() > 0 and fused.supports(param, grad, state):
-        return FusedPasses(fused.prepare(param, grad, state, group, lr, shape=shape))
-    return ReferencePasses(ref.prepare(param, grad, state, group, lr, shape=shape))
+    """The fused kernel for a non-empty CPU shard it supports (unless ``plan.impl`` is the
+    reference, or it cannot build), else the reference math."""
+    if (
+        plan.impl in (Impl.AUTO, Impl.FUSED)
+        and param.numel() > 0
+        and fused.supports(param, grad, state)
+        and fused.available()
+    ):
+        return FusedPasses(fused.prepare(param, grad, state, plan, scalars, dims, shape=shape))
+    return ReferencePasses(ref.prepare(param, grad, state, plan, scalars, dims, shape=shape))

@@ -33,12 +33,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.placement_types import Placement
 
-from .._validation import resolve_lr
+from .._plan import GroupPlan, step_scalars
+from .._reference import rounding_noise
+from ..ops import update_ema
 from ._passes import LocalPasses, local_passes
 
 __all__ = [
-    "all_finite",
     "check_mesh",
+    "found_inf",
     "grad_square_sum",
     "is_dtensor",
     "load_state_tensor",
@@ -214,11 +216,11 @@ def grad_square_sum(grads: Sequence[Tensor]) -> Tensor:
     return _sum_over_shards(grads, lambda g: g.float().square().sum())
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element of every tensor is finite, decided alike on every rank (one round;
-    a shard-local test would let ranks skip different steps and then deadlock)."""
+def found_inf(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether some element of some tensor is not finite, decided alike on every rank (one
+    round; a shard-local test would let ranks skip different steps and then deadlock)."""
     bad = _sum_over_shards(tensors, lambda t: (~torch.isfinite(t)).sum(dtype=torch.float32))
-    return not bool(bad > 0)
+    return bad > 0
 
 
 def _sum_over_shards(tensors: Sequence[Tensor], local_sum: Any) -> Tensor:
@@ -238,31 +240,35 @@ def sharded_adafactor_step(
     grads: list[Tensor],
     states: list[dict[str, Any]],
     group: dict[str, Any],
+    plan: GroupPlan,
+    lr_t: float | Tensor,
     global_grad_scale: Tensor | None = None,
     generator: torch.Generator | None = None,
-    use_fused: bool = False,
-) -> tuple[float | Tensor, list[Tensor | float], list[Tensor | float]]:
+) -> tuple[float | Tensor, Tensor, Tensor]:
     """One Adafactor step of a param group holding DTensor (and possibly plain) parameters.
 
-    Returns ``(lr_t, alphas, update_rms)`` like :func:`adafactor.functional.adafactor_step`.
-    Must be called on every rank of the parameters' meshes with the same param list.
-    ``use_fused`` runs the fused CPU kernel on the local shards it supports.
+    Returns ``(lr_t, alpha, update_rms)`` like :func:`adafactor.functional.adafactor`. Must be
+    called on every rank of the parameters' meshes with the same param list. The fused CPU kernel
+    runs on the local shards it supports unless ``plan.impl`` is the reference.
     """
-    from ..functional import advance_steps, update_ema  # functional imports this lazily
+    from ..factoring import factor_dims
 
     for i, (p, g) in enumerate(zip(params, grads)):
         _check_pair(p, g, i)
-    advance_steps(states)
+    torch._foreach_add_([state["step"] for state in states], 1.0)
     steps: list[tuple[LocalPasses, Tensor, dict[str, Any]]] = []
-    lr_t: float | Tensor = 0.0
+    lr_f = float(lr_t) if isinstance(lr_t, Tensor) else lr_t
     for p, g, state in zip(params, grads, states):
-        lr_t = resolve_lr(group["lr"], int(state["step"].item()) - 1)
         if p.numel() == 0:  # the global size: the same decision on every rank
             continue
         # to_local() shares storage, so in-place updates of the views land in the DTensors.
         view = {key: _to_local(value) for key, value in state.items()}
         local_p, local_g = _to_local(p), _to_local(g)
-        passes = local_passes(local_p, local_g, view, group, lr_t, tuple(p.shape), use_fused)
+        scalars = step_scalars(plan, float(state["step"]), lr_f)
+        dims = factor_dims(
+            tuple(p.shape), group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
+        )
+        passes = local_passes(local_p, local_g, view, plan, scalars, dims, tuple(p.shape))
         steps.append((passes, p, view))
 
     # pass 1 and round 1
@@ -273,8 +279,8 @@ def sharded_adafactor_step(
         # sum(g^2) matters only to clipnorm and sum(x^2) only to scale_parameter
         every = _groups(p, None)
         slot = [
-            first.add(grad_sq, every if group["clipnorm"] is not None else ()),
-            first.add(param_sq, every if group["scale_parameter"] else ()),
+            first.add(grad_sq, every if plan.clipnorm is not None else ()),
+            first.add(param_sq, every if plan.scale_parameter else ()),
         ]
         if passes.dims is not None:
             assert row is not None and col is not None
@@ -306,15 +312,23 @@ def sharded_adafactor_step(
     update_sq = third.run()
 
     # pass 3
-    alphas: list[Tensor | float] = []
-    update_rms: list[Tensor | float] = []
+    alphas: list[Tensor] = []
+    update_rms: list[Tensor] = []
     for (passes, _, view), usq in zip(steps, update_sq):
-        alpha, rms = passes.apply_update(usq, generator)  # floats or tensors: the caller stacks
-        alphas.append(alpha)
-        update_rms.append(rms)
-        if group["use_ema"]:
-            update_ema(passes.param, view, group)
-    return lr_t, alphas, update_rms
+        noise = None
+        if plan.stochastic_rounding and passes.param.dtype == torch.bfloat16:
+            noise = rounding_noise(passes.param, generator)
+        alpha, rms = passes.apply_update(usq, noise)
+        alphas.append(torch.as_tensor(alpha, dtype=torch.float32).reshape(()))
+        update_rms.append(torch.as_tensor(rms, dtype=torch.float32).reshape(()))
+        if plan.use_ema:
+            update_ema(passes.param, view["ema"], plan, float(view["step"]))
+    empty = torch.zeros(0, dtype=torch.float32)
+    return (
+        lr_t,
+        torch.stack(alphas) if alphas else empty,
+        torch.stack(update_rms) if update_rms else empty,
+    )
 
 
 def check_mesh(params: Sequence[Tensor], mesh: Any) -> None:

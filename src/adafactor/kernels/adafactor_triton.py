@@ -26,13 +26,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _reference as ref
-from ..factoring import factor_dims
+from .._plan import Eps1Mode, GroupPlan, Momentum, StepScalars, WeightDecay
+from ..factoring import FactorDims
 
 __all__ = ["supports", "tensor_step"]
 
-_MOMENTUM = {None: 0, "grad": 1, "normalized_update": 2, "update": 3}
-_WD = {"lr": 1, "lr_before": 1, "alpha": 2, "unscaled": 3}
+# The option values of adafactor._plan, as constexprs the kernels compare against.
+MOM_GRAD: tl.constexpr = tl.constexpr(int(Momentum.GRAD))
+MOM_NORMALIZED_UPDATE: tl.constexpr = tl.constexpr(int(Momentum.NORMALIZED_UPDATE))
+MOM_UPDATE: tl.constexpr = tl.constexpr(int(Momentum.UPDATE))
+WD_LR: tl.constexpr = tl.constexpr(int(WeightDecay.LR))
+WD_LR_BEFORE: tl.constexpr = tl.constexpr(int(WeightDecay.LR_BEFORE))
+WD_ALPHA: tl.constexpr = tl.constexpr(int(WeightDecay.ALPHA))
 
 
 @triton.jit
@@ -125,7 +130,7 @@ def _elementwise_u(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
     g = tl.minimum(tl.maximum(g, -clipv), clipv)
     num = g
-    if MOM == 1:  # momentum of the gradient, updated in pass 2, read in pass 3
+    if MOM == MOM_GRAD:  # momentum of the gradient, updated in pass 2, read in pass 3
         m_old = tl.load(m_ptr + offs, mask=mask, other=0.0)
         if UPDATE_STATE:
             m_new = _cast(
@@ -171,7 +176,7 @@ def _adafactor_apply_kernel(
     g_ptr, x_ptr, m_ptr, v_ptr, rstate_ptr, cstate_ptr, rmean_ptr, sums_ptr, out_ptr, numel, R,
     C, sign, clipv, eps1, w1, w2, rho, eps2, clip_d, lr, wd, wd_before,
     FACTORED: tl.constexpr, MOM: tl.constexpr, SCALE_PARAM: tl.constexpr, CLIP: tl.constexpr,
-    WD_MODE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Pass 3: alpha_t and the clip factor from the device sums, momentum, decay, write x."""
     pid = tl.program_id(0).to(tl.int64)
@@ -188,7 +193,7 @@ def _adafactor_apply_kernel(
     )  # fmt: skip
     if CLIP:
         u = u / tl.maximum(u_rms / clip_d, 1.0)
-    if MOM == 2:  # momentum of the clipped update, before the step size
+    if MOM == MOM_NORMALIZED_UPDATE:  # momentum of the clipped update, before the step size
         m_old = tl.load(m_ptr + offs, mask=mask, other=0.0)
         m_new = _cast(
             _lerp(m_old.to(tl.float32), _cast(u, m_old.dtype).to(tl.float32), w1), m_old.dtype
@@ -196,7 +201,7 @@ def _adafactor_apply_kernel(
         tl.store(m_ptr + offs, m_new, mask=mask)
         u = m_new.to(tl.float32)
     u = u * alpha
-    if MOM == 3:  # momentum of the applied update
+    if MOM == MOM_UPDATE:  # momentum of the applied update
         m_old = tl.load(m_ptr + offs, mask=mask, other=0.0)
         m_new = _cast(
             _lerp(m_old.to(tl.float32), _cast(u, m_old.dtype).to(tl.float32), w1), m_old.dtype
@@ -205,35 +210,35 @@ def _adafactor_apply_kernel(
         u = m_new.to(tl.float32)
     x_old = tl.load(x_ptr + offs, mask=mask, other=0.0)
     x = x_old.to(tl.float32)
-    if WD_MODE == 1:
-        x = x * (1 - lr * wd)
-    elif WD_MODE == 2:
-        x = x - x * (alpha * wd)
-    elif WD_MODE == 3:
-        x = x - x * wd
+    if HAS_WD:
+        if WD_MODE == WD_LR:
+            x = x * (1 - lr * wd)
+        elif WD_MODE == WD_LR_BEFORE:
+            x = x - x * (lr * wd)
+        elif WD_MODE == WD_ALPHA:
+            x = x - x * (alpha * wd)
+        else:
+            x = x - x * wd
     tl.store(x_ptr + offs, _cast(x - u, x_old.dtype), mask=mask)
     if pid == 0:  # diagnostics for StepStats, still on the device
         tl.store(out_ptr, alpha)
         tl.store(out_ptr + 1, u_rms)
 
 
-def supports(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
-    """Whether these kernels handle the tensor under ``group`` (else use the reference)."""
+def supports(
+    param: Tensor, grad: Tensor, state: dict[str, Any], plan: GroupPlan, dims: FactorDims | None
+) -> bool:
+    """Whether these kernels handle the tensor under ``plan`` (else use the reference)."""
     if type(param) is not torch.Tensor and not isinstance(param, torch.nn.Parameter):
         return False
     if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype != param.dtype:
         return False
     if not (param.is_contiguous() and grad.is_contiguous()) or param.numel() == 0:
         return False
-    if group["eps1_mode"] != "add" or group["clipnorm"] is not None:
+    if plan.eps1_mode != Eps1Mode.ADD or plan.clipnorm is not None:
         return False
-    if group["stochastic_rounding"] and param.dtype == torch.bfloat16:
+    if plan.stochastic_rounding and param.dtype == torch.bfloat16:
         return False
-    if isinstance(group["lr"], Tensor) and group["lr"].device.type != "cpu":
-        return False  # reading a device lr would synchronise; a CPU lr is read for free
-    dims = factor_dims(
-        tuple(param.shape), group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
-    )
     if dims is not None and dims != (param.dim() - 2, param.dim() - 1):
         return False
     keys = ("row_var", "col_var", "variance")
@@ -244,22 +249,15 @@ def tensor_step(
     param: Tensor,
     grad: Tensor,
     state: dict[str, Any],
-    group: dict[str, Any],
-    lr: float | Tensor,
-    global_grad_scale: Tensor | None = None,
+    plan: GroupPlan,
+    scalars: StepScalars,
+    dims: FactorDims | None,
 ) -> tuple[Tensor, Tensor]:
-    """All passes on one tensor; returns (alpha_t, RMS(U)) as 0-d device tensors (no sync).
-
-    ``global_grad_scale`` is not supported yet (see :func:`supports`); pass None.
-    """
-    if global_grad_scale is not None:
-        raise NotImplementedError("global_clipnorm is not supported by the Triton kernels yet")
-    t = int(state["step"].item())  # the step counter lives on the CPU: no device sync
-    lr_f = float(lr)
-    beta2 = ref.beta2_at(t, group["beta2_decay"], group["beta2_cap"], group["beta2"])
-    rho = float(ref.relative_step_size(lr_f, t, group["relative_step"], group["warmup_init"]))
+    """All passes on one tensor (step counter already advanced); returns (alpha_t, RMS(U)) as
+    0-d device tensors (no sync). ``scalars`` are host floats."""
+    lr_f, rho, w2 = float(scalars.lr), float(scalars.rho), 1.0 - float(scalars.beta2)
     shape, numel, dev = tuple(param.shape), param.numel(), param.device
-    factored = "row_var" in state
+    factored = dims is not None
     a_dim = math.prod(shape[:-2]) if factored else 1
     r_dim, c_dim = (shape[-2], shape[-1]) if factored else (1, numel)
     sums = torch.zeros(3, dtype=torch.float32, device=dev)
@@ -272,19 +270,17 @@ def tensor_step(
     else:
         row = col = rmean = rstate = cstate = sums  # unused pointers
         v = state["variance"]
-    momentum = group["momentum_kind"] if group["beta1"] else None
-    mom = _MOMENTUM[momentum]
+    mom = int(plan.momentum)
     m = state["exp_avg"] if mom else sums
-    w1 = 1.0 - group["beta1"] if mom else 0.0
-    sign = -1.0 if group["maximize"] else 1.0
-    clipv = math.inf if group["clipvalue"] is None else float(group["clipvalue"])
-    eps1, w2 = float(group["eps1"]), 1.0 - beta2
-    scale_param = bool(group["scale_parameter"])
+    w1 = 1.0 - plan.beta1 if plan.beta1 is not None and mom else 0.0
+    sign = -1.0 if plan.maximize else 1.0
+    clipv = math.inf if plan.clipvalue is None else float(plan.clipvalue)
+    eps1 = float(plan.eps1 if plan.eps1 is not None else torch.finfo(param.dtype).eps)
     br, bc = 16, 64
     grid1 = (a_dim * triton.cdiv(r_dim, br),)
     _adafactor_stats_kernel[grid1](
         grad, param, row, col, sums, r_dim, c_dim, sign, clipv,
-        FACTORED=factored, WANT_X=scale_param, BR=br, BC=bc,
+        FACTORED=factored, WANT_X=plan.scale_parameter, BR=br, BC=bc,
     )  # fmt: skip
     if factored:
         _adafactor_factors_kernel[(a_dim,)](
@@ -297,14 +293,14 @@ def tensor_step(
         grad, m, v, rstate, cstate, rmean, sums, numel, r_dim, c_dim, sign, clipv, eps1, w1, w2,
         FACTORED=factored, MOM=mom, BLOCK=block,
     )  # fmt: skip
-    wd = float(group["weight_decay"])
-    wd_mode = _WD[group["weight_decay_mode"]] if wd else 0
-    wd_before = abs(1 - lr_f * wd) if group["weight_decay_mode"] == "lr_before" and wd else 1.0
-    clip = group["clip_threshold"]
+    wd = plan.weight_decay
+    before = plan.weight_decay_mode == WeightDecay.LR_BEFORE and wd
+    wd_before = abs(1 - lr_f * wd) if before else 1.0
+    clip = plan.clip_threshold
     _adafactor_apply_kernel[grid](
         grad, param, m, v, rstate, cstate, rmean, sums, out, numel, r_dim, c_dim, sign, clipv,
-        eps1, w1, w2, rho, float(group["eps2"]), float(clip or 1.0), lr_f, wd, wd_before,
-        FACTORED=factored, MOM=mom, SCALE_PARAM=scale_param, CLIP=clip is not None,
-        WD_MODE=wd_mode, BLOCK=block,
+        eps1, w1, w2, rho, plan.eps2, float(clip or 1.0), lr_f, wd, wd_before,
+        FACTORED=factored, MOM=mom, SCALE_PARAM=plan.scale_parameter, CLIP=clip is not None,
+        HAS_WD=bool(wd), WD_MODE=int(plan.weight_decay_mode), BLOCK=block,
     )  # fmt: skip
     return out[0], out[1]

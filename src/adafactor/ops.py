@@ -1,0 +1,477 @@
+"""The Adafactor step of one param group as a registered op: ``torch.ops.adafactor.step_``.
+
+Like ``torch._fused_adamw_`` the op takes the group's tensor lists and options and updates them
+in place. Registering it with :mod:`torch.library` makes it a citizen of PyTorch: autograd bumps
+the version counter of every tensor it writes (a backward through an updated weight raises
+instead of silently using the new values), ``torch.compile`` treats it as one opaque node (no
+graph breaks, no recompiles as the step advances), the profiler shows it, and its fake
+implementation gives shapes on ``meta`` and fake tensors.
+
+Implementations, one per backend:
+
+* CPU: the fused C kernel (:mod:`adafactor._fused_cpu`), one call for the group, for the tensors
+  it supports; the reference math for the rest, or for all with ``impl="reference"``;
+* every other device: the reference math (:mod:`adafactor._reference`); with ``impl="triton"``
+  (opt-in until checked on a GPU) the Triton kernels for the tensors they support;
+* fake / meta: output shapes only.
+
+Every implementation checks its inputs before touching a pointer (:func:`check_inputs`).
+
+Schema (the plan's options follow in :class:`adafactor._plan.GroupPlan` order)::
+
+    step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars,
+          Tensor(d!)[] col_vars, Tensor(e!)[] variances, Tensor(f!)[] exp_avgs,
+          Tensor(g!)[] emas, Tensor[] noise, int[] factor_dims, Tensor lr,
+          Tensor? grad_scale, Tensor? found_inf, Tensor(h!) skipped_steps, <plan>)
+        -> (Tensor alpha, Tensor update_rms)
+
+``row_vars``/``col_vars`` hold the factored tensors' statistics in order, ``variances`` the
+others'; ``factor_dims`` holds two entries per parameter (``-1, -1``: not factored);
+``exp_avgs``, ``emas`` and ``noise`` are empty or hold one tensor per parameter (``noise``: the
+stochastic-rounding draws of bf16 parameters, empty tensors for the others). ``steps`` are the
+float64 step counters, advanced by the op. With ``found_inf`` nonzero the op changes nothing but
+``skipped_steps += 1`` (and reports ``alpha = 0``). ``alpha`` and ``update_rms`` are float32, one
+entry per parameter: :math:`\\alpha_t` and RMS(U) before update clipping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _fused_cpu
+from . import _reference as ref
+from ._plan import GroupPlan, Impl, StepScalars, step_scalars
+from .factoring import FactorDims
+from .kernels import triton_module
+
+__all__ = ["SCHEMA", "check_inputs", "step_", "update_ema"]
+
+SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars, "
+    "Tensor(d!)[] col_vars, Tensor(e!)[] variances, Tensor(f!)[] exp_avgs, Tensor(g!)[] emas, "
+    "Tensor[] noise, int[] factor_dims, Tensor lr, Tensor? grad_scale, Tensor? found_inf, "
+    f"Tensor(h!) skipped_steps, {GroupPlan.schema_args()}) -> (Tensor, Tensor)"
+)
+_MUTATED = ("params", "steps", "row_vars", "col_vars", "variances", "exp_avgs", "emas")
+_MUTATED += ("skipped_steps",)
+
+
+def _dims(factor_dims: Sequence[int], i: int) -> FactorDims | None:
+    r, c = factor_dims[2 * i], factor_dims[2 * i + 1]
+    return None if r < 0 else FactorDims(r, c)
+
+
+def check_inputs(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    emas: Sequence[Tensor],
+    noise: Sequence[Tensor],
+    factor_dims: Sequence[int],
+) -> None:
+    """Every tensor against its parameter: count, shape, device, dtype, layout. Raises ValueError
+    (or TypeError for dtypes) naming the tensor, the expected and the actual value."""
+    n = len(params)
+    factored = (
+        sum(1 for i in range(n) if factor_dims[2 * i] >= 0) if len(factor_dims) == 2 * n else 0
+    )
+    counts = {
+        "grads": (len(grads), n),
+        "steps": (len(steps), n),
+        "factor_dims": (len(factor_dims), 2 * n),
+        "row_vars": (len(row_vars), factored),
+        "col_vars": (len(col_vars), factored),
+        "variances": (len(variances), n - factored),
+    }
+    for name, seq in (("exp_avgs", exp_avgs), ("emas", emas), ("noise", noise)):
+        counts[name] = (len(seq), n if seq else 0)
+    for name, (got, want) in counts.items():
+        if got != want:
+            raise ValueError(f"adafactor.step_: {name} has {got} entries, expected {want}")
+    fi = 0
+    vi = 0
+    for i, p in enumerate(params):
+        g = grads[i]
+        _same(f"grads[{i}]", g, p, "shape", tuple(p.shape), tuple(g.shape))
+        _same(f"grads[{i}]", g, p, "device", p.device, g.device)
+        _same(f"grads[{i}]", g, p, "layout", torch.strided, g.layout)
+        if not g.dtype.is_floating_point:
+            raise TypeError(f"adafactor.step_: grads[{i}] has dtype {g.dtype}, expected floating")
+        s = steps[i]
+        if s.numel() != 1 or s.dtype != torch.float64 or s.device.type != "cpu":
+            raise ValueError(
+                f"adafactor.step_: steps[{i}] must be a one-element float64 CPU tensor, got "
+                f"shape {tuple(s.shape)}, dtype {s.dtype}, device {s.device}"
+            )
+        dims = _dims(factor_dims, i)
+        if dims is not None:
+            if not 0 <= dims.row_dim < dims.col_dim < p.dim():
+                raise ValueError(
+                    f"adafactor.step_: factor_dims of params[{i}] (shape {tuple(p.shape)}) are "
+                    f"{tuple(dims)}; expected two increasing dims of the parameter"
+                )
+            row = list(p.shape)
+            row[dims.col_dim] = 1
+            col = list(p.shape)
+            col[dims.row_dim] = 1
+            _state(f"row_vars[{fi}]", row_vars[fi], p, tuple(row))
+            _state(f"col_vars[{fi}]", col_vars[fi], p, tuple(col))
+            fi += 1
+        else:
+            _state(f"variances[{vi}]", variances[vi], p, tuple(p.shape))
+            vi += 1
+        if exp_avgs:
+            _state(f"exp_avgs[{i}]", exp_avgs[i], p, tuple(p.shape), low_precision=True)
+        if emas:
+            _state(f"emas[{i}]", emas[i], p, tuple(p.shape))
+        if noise and noise[i].numel():
+            _same(f"noise[{i}]", noise[i], p, "shape", tuple(p.shape), tuple(noise[i].shape))
+            _same(f"noise[{i}]", noise[i], p, "dtype", torch.int32, noise[i].dtype)
+
+
+def _same(name: str, t: Tensor, p: Tensor, what: str, want: Any, got: Any) -> None:
+    if got != want:
+        raise ValueError(
+            f"adafactor.step_: {name} has {what} {got}, but its parameter (shape "
+            f"{tuple(p.shape)}, dtype {p.dtype}, device {p.device}) needs {what} {want}"
+        )
+
+
+def _state(name: str, t: Tensor, p: Tensor, shape: tuple[int, ...], low_precision: bool = False):
+    _same(name, t, p, "shape", shape, tuple(t.shape))
+    _same(name, t, p, "device", p.device, t.device)
+    _same(name, t, p, "layout", torch.strided, t.layout)
+    allowed = (torch.float32, torch.float64, torch.bfloat16)
+    if t.dtype not in allowed:
+        raise TypeError(f"adafactor.step_: {name} has dtype {t.dtype}; expected one of {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the op and its implementations
+# ---------------------------------------------------------------------------------------------
+def _reference_impl(
+    plan: GroupPlan,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Tensor]],
+    dims: Sequence[FactorDims | None],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    noise: Sequence[Tensor],
+    alphas: Tensor,
+    rmss: Tensor,
+    index: Sequence[int],
+) -> None:
+    """The readable math, one tensor after another (``index``: positions in the outputs)."""
+    lr_value: float | Tensor = lr if lr.device.type != "cpu" else float(lr)
+    for k, i in enumerate(index):
+        p, g, state = params[k], grads[k], states[k]
+        step = state["step"]
+        step += 1
+        if p.numel() == 0:  # counted, nothing to update (alpha and RMS(U) stay 0)
+            continue
+        t = float(step)
+        sc = step_scalars(plan, t, lr_value)
+        ts = ref.prepare(p, g, state, plan, sc, dims[k])
+        ref.adafactor_tensor_step(ts, grad_scale, noise[k] if noise else None)
+        assert ts.update_rms is not None
+        alphas[i] = ts.alpha
+        rmss[i] = ts.update_rms
+        if plan.use_ema:
+            update_ema(p, state["ema"], plan, t)
+
+
+def update_ema(p: Tensor, ema: Tensor, plan: GroupPlan, t: float) -> None:
+    """ema <- m * ema + (1 - m) * x; every ``ema_overwrite_frequency`` steps x <- ema (Keras)."""
+    m = plan.ema_momentum
+    # tf_keras' expression (two products and a sum), so the EMA rounds as it does there.
+    ema.copy_(ema * m + p.to(ema.dtype) * (1 - m))
+    freq = plan.ema_overwrite_frequency
+    if freq is not None and int(t) % freq == 0:
+        p.copy_(ema)
+
+
+def _states(
+    params: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    emas: Sequence[Tensor],
+    factor_dims: Sequence[int],
+) -> tuple[list[dict[str, Tensor]], list[FactorDims | None]]:
+    """Per-parameter state dicts (the reference's view) and factored dims from the flat lists."""
+    states, dims = [], []
+    fi = vi = 0
+    for i in range(len(params)):
+        d = _dims(factor_dims, i)
+        st = {"step": steps[i]}
+        if d is not None:
+            st["row_var"], st["col_var"] = row_vars[fi], col_vars[fi]
+            fi += 1
+        else:
+            st["variance"] = variances[vi]
+            vi += 1
+        if exp_avgs:
+            st["exp_avg"] = exp_avgs[i]
+        if emas:
+            st["ema"] = emas[i]
+        states.append(st)
+        dims.append(d)
+    return states, dims
+
+
+def _run(
+    on_cpu: bool,
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    row_vars: list[Tensor],
+    col_vars: list[Tensor],
+    variances: list[Tensor],
+    exp_avgs: list[Tensor],
+    emas: list[Tensor],
+    noise: list[Tensor],
+    factor_dims: list[int],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    skipped_steps: Tensor,
+    plan_args: tuple[Any, ...],
+) -> tuple[Tensor, Tensor]:
+    check_inputs(
+        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims
+    )
+    plan = GroupPlan(*plan_args)
+    n = len(params)
+    device = params[0].device if params else lr.device
+    alphas = torch.zeros(n, dtype=torch.float32, device=device)
+    rmss = torch.zeros(n, dtype=torch.float32, device=device)
+    if found_inf is not None and bool(found_inf):  # skip_nonfinite: change nothing
+        skipped_steps.add_(1)
+        return alphas, rmss
+    states, dims = _states(
+        params, steps, row_vars, col_vars, variances, exp_avgs, emas, factor_dims
+    )
+    fast: list[int] = []
+    if plan.impl == Impl.TRITON and grad_scale is None:  # opt-in: kernels not yet run on a GPU
+        tk = triton_module()
+        fast = [i for i in range(n) if tk.supports(params[i], grads[i], states[i], plan, dims[i])]
+        _triton_part(tk, plan, params, grads, states, dims, lr, fast, alphas, rmss)
+    elif on_cpu and plan.impl in (Impl.AUTO, Impl.FUSED) and _fused_cpu.available():
+        fast = [
+            i
+            for i in range(n)
+            if params[i].numel() and _fused_cpu.supports(params[i], grads[i], states[i])
+        ]
+        if fast:
+            _kernel_part(
+                plan, params, grads, states, dims, noise, lr, grad_scale, fast, alphas, rmss
+            )
+    rest = [i for i in range(n) if i not in set(fast)] if fast else list(range(n))
+    if rest:
+        _reference_impl(
+            plan,
+            [params[i] for i in rest],
+            [grads[i] for i in rest],
+            [states[i] for i in rest],
+            [dims[i] for i in rest],
+            lr,
+            grad_scale,
+            [noise[i] for i in rest] if noise else [],
+            alphas,
+            rmss,
+            rest,
+        )
+    return alphas, rmss
+
+
+def _triton_part(
+    tk: Any,
+    plan: GroupPlan,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    dims: list[FactorDims | None],
+    lr: Tensor,
+    index: list[int],
+    alphas: Tensor,
+    rmss: Tensor,
+) -> None:
+    lr_value = float(lr)
+    for i in index:
+        step = states[i]["step"]
+        step += 1
+        t = float(step)
+        sc = step_scalars(plan, t, lr_value)
+        alphas[i], rmss[i] = tk.tensor_step(params[i], grads[i], states[i], plan, sc, dims[i])
+        if plan.use_ema:
+            update_ema(params[i], states[i]["ema"], plan, t)
+
+
+_TABLES: dict[tuple[int, ...], _fused_cpu.GroupTables] = {}
+
+
+def _kernel_part(
+    plan: GroupPlan,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    dims: list[FactorDims | None],
+    noise: list[Tensor],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    index: list[int],
+    alphas: Tensor,
+    rmss: Tensor,
+) -> None:
+    ps = [params[i] for i in index] if len(index) < len(params) else params
+    sts = [states[i] for i in index] if len(index) < len(params) else states
+    key = tuple(id(p) for p in ps)
+    tables = _TABLES.get(key)
+    if tables is None or not tables.valid_for(ps, sts):
+        tables = _fused_cpu.GroupTables(ps, sts, [dims[i] for i in index])
+        if len(_TABLES) > 64:  # groups of optimizers that are gone
+            _TABLES.clear()
+        _TABLES[key] = tables
+    lr_value = float(lr)
+
+    def scalars_of(t: float) -> StepScalars:
+        return step_scalars(plan, t, lr_value)
+
+    sr = [noise[i] for i in index] if noise else None
+    _, alpha, rms, stale = _fused_cpu.group_step(
+        tables,
+        ps,
+        [grads[i] for i in index],
+        plan,
+        scalars_of,
+        1.0 if grad_scale is None else float(grad_scale),
+        sr,
+    )
+    if len(index) == len(params):
+        alphas.copy_(alpha)
+        rmss.copy_(rms)
+    else:
+        where = torch.tensor(index)
+        alphas[where] = alpha.float()
+        rmss[where] = rms.float()
+    if plan.use_ema:
+        t_of = [float(states[i]["step"]) for i in index]
+        for i, t in zip(index, t_of):
+            update_ema(params[i], states[i]["ema"], plan, t)
+    if stale:
+        _fused_cpu.warn_stale_rms(stale)
+
+
+@torch.library.custom_op("adafactor::step_", mutates_args=_MUTATED, schema=SCHEMA)
+def step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    row_vars: list[Tensor],
+    col_vars: list[Tensor],
+    variances: list[Tensor],
+    exp_avgs: list[Tensor],
+    emas: list[Tensor],
+    noise: list[Tensor],
+    factor_dims: list[int],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    skipped_steps: Tensor,
+    *plan: Any,
+) -> tuple[Tensor, Tensor]:
+    """Any device: the reference math."""
+    return _run(
+        False,
+        params,
+        grads,
+        steps,
+        row_vars,
+        col_vars,
+        variances,
+        exp_avgs,
+        emas,
+        noise,
+        factor_dims,
+        lr,
+        grad_scale,
+        found_inf,
+        skipped_steps,
+        plan,
+    )
+
+
+@step_.register_kernel("cpu")
+def _step_cpu(
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    row_vars: list[Tensor],
+    col_vars: list[Tensor],
+    variances: list[Tensor],
+    exp_avgs: list[Tensor],
+    emas: list[Tensor],
+    noise: list[Tensor],
+    factor_dims: list[int],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    skipped_steps: Tensor,
+    *plan: Any,
+) -> tuple[Tensor, Tensor]:
+    """CPU: the fused C kernel for the tensors it supports, the reference for the rest."""
+    return _run(
+        True,
+        params,
+        grads,
+        steps,
+        row_vars,
+        col_vars,
+        variances,
+        exp_avgs,
+        emas,
+        noise,
+        factor_dims,
+        lr,
+        grad_scale,
+        found_inf,
+        skipped_steps,
+        plan,
+    )
+
+
+@step_.register_fake
+def _step_fake(
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    row_vars: list[Tensor],
+    col_vars: list[Tensor],
+    variances: list[Tensor],
+    exp_avgs: list[Tensor],
+    emas: list[Tensor],
+    noise: list[Tensor],
+    factor_dims: list[int],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    skipped_steps: Tensor,
+    *plan: Any,
+) -> tuple[Tensor, Tensor]:
+    check_inputs(
+        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims
+    )
+    like = params[0] if params else lr
+    n = len(params)
+    return like.new_empty(n, dtype=torch.float32), like.new_empty(n, dtype=torch.float32)
