@@ -6,19 +6,28 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test lint bench reproduce clean
 
+# Two stamps: the commands (demo, reproduce, bench) need only the [cli] extra (tqdm,
+# matplotlib); test and lint also get the test tools and triton (about 1 GB), which a CPU-only
+# demo never uses. Each installs torch first, so that the pin picks the wheel.
+$(VENV)/.installed-cli: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[cli]'
+	touch $@
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,triton]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-cli
 	$(VENV)/bin/adafactor demo
 
-reproduce: $(VENV)/.installed
+reproduce: $(VENV)/.installed-cli
 	$(VENV)/bin/adafactor reproduce --quick
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed-cli
 	$(VENV)/bin/adafactor bench
 
 lint: $(VENV)/.installed

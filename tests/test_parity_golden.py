@@ -405,7 +405,9 @@ def test_table_matches_recorded_kwargs(case: Case) -> None:
 
 def test_every_golden_file_has_a_case() -> None:
     files = {str(p.relative_to(GOLDEN_DIR))[: -len(".npz")] for p in GOLDEN_DIR.rglob("*.npz")}
-    table = [c.file for c in CASES]
+    from tests.test_constructors import TIMM_CASES  # replayed there (constructor and preset)
+
+    table = [c.file for c in CASES] + [file for file, _, _ in TIMM_CASES]
     assert len(table) == len(set(table))
     assert files == set(table)
 

@@ -29,7 +29,7 @@ __all__ = ["GroupResult", "adafactor", "group_plan", "step_lr"]
 class GroupResult(NamedTuple):
     """Per-tensor diagnostics of one group's step (tensors; no host sync to build)."""
 
-    lr: float | Tensor  # lr_t of the step
+    lr: Tensor  # lr_t of the step (0-d float64; a tensor so a changing lr never recompiles)
     alpha: Tensor  # alpha_t of each tensor that was stepped (float32)
     update_rms: Tensor  # RMS(U) before clipping, same order
 
@@ -75,12 +75,11 @@ def adafactor(
         if found_inf is not None and bool(found_inf):  # decided alike on every rank
             group["skipped_steps"] += 1
             zeros = torch.zeros(len(params), dtype=torch.float32)
-            return GroupResult(lr_t, zeros, zeros)
-        return GroupResult(
-            *sharded_adafactor_step(
-                params, grads, states, group, plan, lr_t, global_grad_scale, generator
-            )
+            return GroupResult(_as_tensor(lr_t), zeros, zeros)
+        _, alpha, rms = sharded_adafactor_step(
+            params, grads, states, group, plan, lr_t, global_grad_scale, generator
         )
+        return GroupResult(_as_tensor(lr_t), alpha, rms)
     dims = [_dims_of(p, group) for p in params]
     row_vars, col_vars, variances = [], [], []
     for d, state in zip(dims, states):
@@ -92,7 +91,7 @@ def adafactor(
     noise: list[Tensor] = []
     if plan.stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params):
         noise = [_noise(p, generator) for p in params]
-    lr_tensor = lr_t if isinstance(lr_t, Tensor) else torch.full((), lr_t, dtype=torch.float64)
+    lr_tensor = _as_tensor(lr_t)
     alpha, update_rms = torch.ops.adafactor.step_(
         params,
         grads,
@@ -104,13 +103,21 @@ def adafactor(
         [state["ema"] for state in states] if plan.use_ema else [],
         noise,
         [i for d in dims for i in (d if d is not None else (-1, -1))],
-        lr_tensor.reshape(()),
+        lr_tensor,
         global_grad_scale,
         found_inf,
         group["skipped_steps"],
         *plan.as_args(),
     )
-    return GroupResult(lr_t, alpha, update_rms)
+    return GroupResult(lr_tensor, alpha, update_rms)
+
+
+def _as_tensor(lr: float | Tensor) -> Tensor:
+    # A product keeps a float lr symbolic under torch.compile, so a new lr reuses the graph;
+    # torch.tensor(lr) or torch.full((), lr) would bake the value in and recompile.
+    if isinstance(lr, Tensor):
+        return lr.reshape(())
+    return torch.ones((), dtype=torch.float64) * lr
 
 
 _EMPTY_NOISE = torch.empty(0, dtype=torch.int32)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, NamedTuple, TypeVar, cast
@@ -12,8 +11,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _reference as ref
+from . import constructors as _ctors
 from . import distributed
-from ._validation import IMPLS, check_group, check_param
+from ._validation import (
+    check_group,
+    check_group_cached,
+    check_instance_options,
+    check_loaded_state,
+    check_param,
+    check_state_ids,
+)
 from .factoring import factor_dims
 from .functional import _dims_of, adafactor
 from .presets import preset_defaults
@@ -92,7 +99,7 @@ class StepStats(NamedTuple):
     in group order (0 for an empty parameter, and for every parameter of a skipped step).
     """
 
-    lr: float | Tensor  # lr_t of the step (the schedule's value when lr is a schedule)
+    lr: Tensor  # lr_t of the step (the schedule's value when lr is a schedule), 0-d
     alpha: Tensor  # alpha_t: the step size applied to the clipped update U_hat
     update_rms: Tensor  # RMS(U) before update clipping
     clipped: Tensor  # bool: update clipping fired (RMS(U) > clip_threshold)
@@ -252,89 +259,45 @@ class Adafactor(Optimizer):
         impl: str = "auto",
         carry_param_rms: bool = True,
         generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> None:
+        if kwargs:  # Adam's and other libraries' names get an error naming ours
+            _ctors.reject_foreign_kwargs(kwargs)
         given = {k: v for k, v in locals().items() if k in _GROUP_DEFAULTS}
         explicit = {k: v for k, v in given.items() if not isinstance(v, _Unset)}
         defaults = {**_GROUP_DEFAULTS, **preset_defaults(preset), **explicit}
         check_group(defaults)
-        if global_clipnorm is not None:
-            if not isinstance(global_clipnorm, (int, float)) or not global_clipnorm > 0:
-                raise ValueError(f"global_clipnorm must be a number > 0, got {global_clipnorm!r}")
-            if defaults["clipnorm"] is not None or defaults["clipvalue"] is not None:
-                raise ValueError(
-                    f"global_clipnorm={global_clipnorm!r} is set together with clipnorm or "
-                    "clipvalue; tf_keras would silently use only one of them. Set only one"
-                )
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.global_clipnorm = check_instance_options(
+            impl=impl,
+            carry_param_rms=carry_param_rms,
+            generator=generator,
+            global_clipnorm=global_clipnorm,
+            clipnorm=defaults["clipnorm"],
+            clipvalue=defaults["clipvalue"],
+        )
+        if not isinstance(lr, _Unset):
+            _ctors.warn_explicit_lr_with_relative_step(
+                lr,
+                preset=preset,
+                relative_step=defaults["relative_step"],
+                relative_step_given=not isinstance(relative_step, _Unset),
+                scale_parameter=defaults["scale_parameter"],
+            )
         self.preset = preset
-        self.global_clipnorm = global_clipnorm
         self.impl = impl
-        self.carry_param_rms = bool(carry_param_rms)
+        self.carry_param_rms = carry_param_rms
         self.generator = generator
         self.last_step_stats: list[StepStats | None] = []
+        self._group_snapshots: list[Any] = []
         super().__init__(params, defaults)
 
-    @classmethod
-    def from_keras(
-        cls,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        learning_rate: float | Tensor | LRSchedule = 0.001,
-        beta_2_decay: float = -0.8,
-        epsilon_1: float = 1e-30,
-        epsilon_2: float = 0.001,
-        clip_threshold: float = 1.0,
-        relative_step: bool = True,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
-        use_ema: bool = False,
-        ema_momentum: float = 0.99,
-        ema_overwrite_frequency: int | None = None,
-        jit_compile: bool = True,
-        name: str = "Adafactor",
-        mesh: Any = None,
-    ) -> Adafactor:
-        """``tf_keras.optimizers.Adafactor`` with Keras' names and defaults (the "keras" preset).
-
-        As in Keras, the step size is always :math:`\\min(\\text{lr}_t, 1/\\sqrt t)` scaled by
-        RMS(x): Keras ignores ``relative_step``, and so does this constructor (with a warning
-        when it is False; use ``Adafactor(preset="keras", relative_step=False)`` for a constant
-        step). Unlike tf_keras the state stays sublinear: no full-size ``v`` is stored.
-        ``jit_compile`` selects the fast path (``impl="auto"``) or the reference math;
-        ``mesh`` is the torch DeviceMesh the parameters are sharded on.
-        """
-        if not relative_step:
-            warnings.warn(
-                "tf_keras ignores relative_step=False (rho_t = min(lr, 1/sqrt(t)) either way) and "
-                "from_keras reproduces that; use Adafactor(preset='keras', relative_step=False) "
-                "for a constant step size",
-                UserWarning,
-                stacklevel=2,
-            )
-        opt = cls(
-            params,
-            lr=learning_rate,
-            preset="keras",
-            beta2_decay=beta_2_decay,
-            eps1=epsilon_1,
-            eps2=epsilon_2,
-            clip_threshold=clip_threshold,
-            weight_decay=0.0 if weight_decay is None else weight_decay,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            impl="auto" if jit_compile else "reference",
-        )
-        opt.name = name
-        opt.mesh = mesh
-        if mesh is not None:
-            distributed.check_mesh([p for g in opt.param_groups for p in g["params"]], mesh)
-        return opt
+    # Other libraries' exact constructors (adafactor.constructors): their names and defaults.
+    from_keras = classmethod(_ctors.from_keras)
+    from_torch = classmethod(_ctors.from_torch)
+    from_transformers = classmethod(_ctors.from_transformers)
+    from_timm = classmethod(_ctors.from_timm)
+    from_big_vision = classmethod(_ctors.from_big_vision)
+    from_optax = classmethod(_ctors.from_optax)
 
     # -----------------------------------------------------------------------------------------
     # param groups and state
@@ -344,6 +307,15 @@ class Adafactor(Optimizer):
         group = self.param_groups[-1]
         _migrate_group(group)
         check_group(group)
+        if getattr(self, "global_clipnorm", None) is not None:
+            check_instance_options(
+                impl=self.impl,
+                carry_param_rms=self.carry_param_rms,
+                generator=self.generator,
+                global_clipnorm=self.global_clipnorm,
+                clipnorm=group["clipnorm"],
+                clipvalue=group["clipvalue"],
+            )
         index = len(self.param_groups) - 1
         for i, p in enumerate(group["params"]):
             check_param(p, f"param_groups[{index}]['params'][{i}]", group["factored"])
@@ -359,6 +331,7 @@ class Adafactor(Optimizer):
             if not hasattr(self, key):
                 setattr(self, key, value)
         self.last_step_stats = []
+        self._group_snapshots = []
         for group in self.param_groups:  # checkpoints from older versions lack newer options
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -435,6 +408,12 @@ class Adafactor(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # every option is checked before it touches a parameter, wherever it was written from
+        snaps = self._group_snapshots
+        if len(snaps) != len(self.param_groups):
+            snaps[:] = [None] * len(self.param_groups)
+        for i, group in enumerate(self.param_groups):
+            snaps[i] = check_group_cached(group, snaps[i])
         work = [self._grads_of(group, i) for i, group in enumerate(self.param_groups)]
         global_scale = self._global_grad_scale(work) if self.global_clipnorm else None
         skip_all = None  # with global_clipnorm a non-finite gradient anywhere skips every group
@@ -534,13 +513,18 @@ class Adafactor(Optimizer):
         }
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         saved_state = state_dict["state"]
+        check_state_ids(saved_ids, saved_state.keys())
+        checked = {
+            pid: {key: check_loaded_state(pid, key, value) for key, value in saved.items()}
+            for pid, saved in saved_state.items()
+        }  # before anything is loaded: a bad value leaves the optimizer as it was
         super().load_state_dict(state_dict)
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 check_param(p, f"param_groups[{gi}]", group["factored"])
         id_to_param = dict(zip(saved_ids, params))
-        for pid, saved in saved_state.items():
+        for pid, saved in checked.items():
             p = id_to_param[pid]
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             expected = self._expected_state(p, group)

@@ -122,6 +122,7 @@ def test_demo_same_batches_and_init_for_both_optimizers(
     ("extra", "message"),
     [
         (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--steps", "-5"], "argument --steps: must be >= 1, got -5"),
         (["--steps", "many"], "argument --steps: must be an integer >= 1, got 'many'"),
         (["--optimizers", "adamw,sgd"], "unknown optimizer sgd"),
         (["--model-size", "huge"], "argument --model-size: invalid choice: 'huge'"),

@@ -13,8 +13,10 @@ from typing import Any
 from ._train import RunResult
 
 __all__ = [
+    "curves_figure",
     "error",
     "fmt_loss",
+    "grid_figure",
     "markdown_table",
     "plot_curves",
     "plot_grid",
@@ -71,17 +73,15 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(_finite_or_none(payload), indent=2) + "\n")
 
 
-def _pyplot() -> Any:
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure outside pyplot: no display, no global state, files only."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise ModuleNotFoundError(
             "matplotlib is needed for the loss-curve plots: pip install 'adafactor[cli]'"
         ) from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _smooth(values: Sequence[float], window: int) -> list[float]:
@@ -92,64 +92,128 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _draw(axes: Any, result: RunResult, label: str, color: str) -> None:
-    window = max(1, len(result.train_curve) // 25)
-    steps = range(1, len(result.train_curve) + 1)
-    axes.plot(steps, _smooth(result.train_curve, window), color=color, alpha=0.45, lw=1)
-    val_steps, val_losses = zip(*result.val_curve)
-    axes.plot(val_steps, val_losses, "o-", color=color, ms=3, lw=1.5, label=label)
-    if result.diverged_at is not None:
-        axes.axvline(result.diverged_at, color=color, ls=":", lw=1)
+def _train_points(result: RunResult) -> tuple[list[int], list[float]]:
+    """The smoothed training loss against the step it was measured at.
 
-
-def _loss_range(results: Sequence[RunResult]) -> tuple[float, float] | None:
-    """y-axis limits from the finite validation losses after step 0 (all of them if none).
-
-    The untrained model's loss (12 nats at d_model 512, with the tied embedding predicting the
-    input byte) and a diverged run would otherwise squash every curve into the bottom edge.
+    ``train_curve[i]`` is the loss of the batch of update i + 1, computed before that update,
+    so it belongs to step i, where the validation loss after i updates sits.
     """
-    later = [v for r in results for s, v in r.val_curve if s > 0 and math.isfinite(v)]
-    finite = later or [v for r in results for _, v in r.val_curve if math.isfinite(v)]
-    return (min(finite) * 0.95, max(finite) * 1.05) if finite else None
+    window = max(1, len(result.train_curve) // 25)
+    return list(range(len(result.train_curve))), _smooth(result.train_curve, window)
+
+
+def _draw(axes: Any, result: RunResult, color: str) -> None:
+    """A run's faint training curve, its marked validation curve and its divergence, each
+    labelled for the legend."""
+    steps, losses = _train_points(result)
+    axes.plot(steps, losses, color=color, alpha=0.45, lw=1, label=f"{result.name} train (smoothed)")
+    val_steps, val_losses = zip(*result.val_curve)
+    axes.plot(
+        val_steps, val_losses, "o-", color=color, ms=3, lw=1.5, label=f"{result.name} validation"
+    )
+    if result.diverged_at is not None:
+        axes.axvline(
+            result.diverged_at,
+            color=color,
+            ls=":",
+            lw=1,
+            label=f"{result.name} diverged at step {result.diverged_at}",
+        )
+
+
+def _positive(values: Any) -> list[float]:
+    return [v for v in values if math.isfinite(v) and v > 0]
+
+
+def _loss_range(results: Sequence[RunResult], first: int = 0) -> tuple[float, float] | None:
+    """y-limits holding every validation loss from step ``first`` on (the untrained model's at
+    step 0 included by default) and the smoothed training loss below them.
+
+    Training losses above the highest validation loss (a diverging run's last steps) are left
+    out, so that a divergence cannot squash the other curves; its vertical line marks it.
+    """
+    val = _positive(v for r in results for s, v in r.val_curve if s >= first)
+    if not val:
+        return None
+    top = max(val)
+    if first == 0:  # the first training point is the untrained model too
+        top = max([top, *_positive(r.train_curve[0] for r in results if r.train_curve)])
+    train = _positive(
+        v for r in results for s, v in zip(*_train_points(r)) if s >= first and v <= top
+    )
+    return min(val + train) * 0.95, top * 1.08
+
+
+def _log_loss_axis(axes: Any) -> None:
+    """Log-scaled loss axis with plain-number ticks (1.5, 2, 3, ... rather than 2x10^0)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    axes.set_yscale("log")
+    axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)))
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
+
+
+def curves_figure(results: Sequence[RunResult], title: str) -> Any:
+    """The demo's plot: every run's training and validation loss over the whole run from step 0
+    (log scale, so the untrained model's loss fits beside the trained one's), and beside it the
+    last 80% of the run on a linear scale, where the optimizers' final losses differ."""
+    fig = _figure(figsize=(11, 4.5))
+    full, zoom = fig.subplots(1, 2)
+    steps = max([1, *(s for r in results for s, _ in r.val_curve)])
+    for i, result in enumerate(results):
+        for axes in (full, zoom):
+            _draw(axes, result, f"C{i}")
+    _log_loss_axis(full)
+    limits = _loss_range(results)
+    if limits is not None:
+        full.set_ylim(*limits)
+    full.set(xlabel="step", ylabel="loss (nats/byte, log scale)", title="whole run, from step 0")
+    first = round(0.2 * steps)
+    zoom.set_xlim(first - 0.02 * steps, steps * 1.02)
+    limits = _loss_range(results, first=first)
+    if limits is not None:
+        zoom.set_ylim(*limits)
+    zoom.set(xlabel="step", ylabel="loss (nats/byte)", title=f"from step {first}")
+    zoom.legend(fontsize=8)
+    for axes in (full, zoom):
+        axes.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def plot_curves(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """One plot: faint smoothed training loss and marked validation loss of every run."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(figsize=(7, 4.5))
-    for i, result in enumerate(results):
-        _draw(axes, result, f"{result.name} (val)", f"C{i}")
-    limits = _loss_range(results)
-    if limits is not None:
-        axes.set_ylim(*limits)
-    axes.set(xlabel="step", ylabel="loss (nats/byte)", title=title)
-    axes.legend()
-    axes.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Write :func:`curves_figure` as a PNG."""
+    curves_figure(results, title).savefig(path, dpi=110)
 
 
-def plot_grid(panels: Sequence[tuple[str, Sequence[RunResult]]], path: Path, title: str) -> None:
-    """A grid of small plots, one per (title, runs) panel, sharing the loss axis."""
-    plt = _pyplot()
+def grid_figure(panels: Sequence[tuple[str, Sequence[RunResult]]], title: str) -> Any:
+    """A grid of small plots, one per (title, runs) panel, sharing the log-scaled loss axis;
+    every panel starts at step 0 and has its own legend."""
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharey=True, squeeze=False)
+    fig = _figure(figsize=(4 * cols, 3.2 * rows))
+    grid = fig.subplots(rows, cols, sharey=True, squeeze=False)
     for axes, (panel_title, results) in zip(grid.flat, panels):
         for i, result in enumerate(results):
-            _draw(axes, result, result.name, f"C{i}")
+            _draw(axes, result, f"C{i}")
         axes.set_title(panel_title, fontsize=9)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=6)
     for axes in grid.flat[len(panels) :]:
         axes.axis("off")
+    _log_loss_axis(grid[0][0])
     limits = _loss_range([r for _, rs in panels for r in rs])
     if limits is not None:  # a diverged run must not squash the other curves
         grid[0][0].set_ylim(*limits)
     fig.suptitle(title)
     fig.supxlabel("step")
-    fig.supylabel("loss (nats/byte)")
+    fig.supylabel("loss (nats/byte, log scale)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_grid(panels: Sequence[tuple[str, Sequence[RunResult]]], path: Path, title: str) -> None:
+    """Write :func:`grid_figure` as a PNG."""
+    grid_figure(panels, title).savefig(path, dpi=100)

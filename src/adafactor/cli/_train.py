@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import statistics
 import sys
@@ -25,6 +26,9 @@ __all__ = [
     "OptimizerSpec",
     "RunResult",
     "add_common_arguments",
+    "make_output_dir",
+    "output_dir",
+    "output_file",
     "positive_float",
     "positive_int",
     "setup_device",
@@ -59,6 +63,78 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _existing_ancestor(text: str, path: Path) -> Path:
+    """``path`` itself or its nearest ancestor that exists."""
+    while True:
+        try:
+            if path.exists() or path.parent == path:
+                return path
+        except OSError as exc:  # e.g. a folder on the way without search permission
+            raise argparse.ArgumentTypeError(
+                f"{text}: cannot look at {path} ({exc.strerror or exc}); pass a folder you can "
+                "write to"
+            ) from None
+        path = path.parent
+
+
+def _check_creatable(text: str, base: Path) -> None:
+    """Raise ArgumentTypeError unless the existing ``base`` is a folder we can write to."""
+    if not base.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text}: {base} is a file, so no folder can be created under it; pass a path "
+            "outside it"
+        )
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"{text}: {base} is not writable; pass a folder you can write to"
+        )
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a results folder that exists or can be created, and is writable.
+
+    Checked when the options are parsed, so a bad path stops the command before any work.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; pass a folder, e.g. runs/demo")
+    path = Path(text).expanduser()
+    base = _existing_ancestor(text, path)
+    if base == path and not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a file, not a folder; pass a folder (it is created if missing)"
+        )
+    _check_creatable(text, base)
+    return path
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a .json or .csv file whose folder exists or can be created."""
+    path = Path(text).expanduser()
+    base = _existing_ancestor(text, path)
+    if base == path and path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a folder; pass a file name such as {path / 'bench.json'}"
+        )
+    if path.suffix not in (".json", ".csv"):
+        raise argparse.ArgumentTypeError(
+            f"{text}: pass a .json or .csv file name (the markdown table is written beside it, "
+            "with the suffix .md)"
+        )
+    _check_creatable(text, base if base != path else path.parent)
+    return path
+
+
+def make_output_dir(path: Path) -> None:
+    """Create the results folder; raises ValueError naming --output if that fails after all."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"--output {path}: cannot create the folder ({exc.strerror or exc}); pass another "
+            "folder"
+        ) from None
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, *, steps: int, size: str, output: str
 ) -> None:
@@ -81,10 +157,14 @@ def add_common_arguments(
         help="a text file or a folder of text files (default: this Python's stdlib sources)",
     )
     parser.add_argument(
-        "--output", metavar="DIR", default=output, help=f"results folder (default {output})"
+        "--output",
+        type=output_dir,
+        metavar="DIR",
+        default=output,
+        help=f"results folder, created if missing (default {output})",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="model initialisation and batch order seed"
+        "--seed", type=int, default=0, help="model initialisation and batch order seed (default 0)"
     )
     parser.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)"
@@ -183,13 +263,67 @@ def _evaluate(model: ByteTransformer, batches: list[Batch], device: torch.device
     return total / sum(len(x) for x, _ in batches)
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _is_terminal(stream: Any) -> bool:
     try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a convenience; training works without it
-        return None
-    # disable=None hides the bar when stderr is not a terminal (logs, tests).
-    return tqdm(total=total, desc=desc, unit="step", disable=None if enabled else True)
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _interactive() -> bool:
+    """Whether someone watches both streams: then a live bar, else progress lines."""
+    return _is_terminal(sys.stdout) and _is_terminal(sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+class _Progress:
+    """A tqdm bar (on stderr) when the session is interactive; otherwise, as in CI logs or
+    behind ``| tee``, one line on stdout about every 10% of the run, since a bar is invisible
+    or unreadable there."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label = total, label
+        self.bar: Any = None
+        self.lines = False
+        self.start = time.perf_counter()
+        if not enabled:
+            return
+        if _interactive():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # checked by the command; without it, lines will do
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=label, unit="step")
+                return
+        self.lines = True
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        elif self.lines and 10 * step // self.total > 10 * (step - 1) // self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / step * (self.total - step)
+            print(
+                f"{self.label}: step {step}/{self.total} ({100 * step // self.total}%), "
+                f"loss {loss:.4f}, elapsed {_duration(elapsed)}, ETA {_duration(eta)}",
+                flush=True,
+            )
+
+    def diverged(self, step: int, loss: float) -> None:
+        if self.lines:
+            print(f"{self.label}: diverged at step {step} (loss {loss:.4g}); stopped", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_run(
@@ -201,8 +335,12 @@ def train_run(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    label: str | None = None,
 ) -> RunResult:
-    """Train a fresh model (same seed, same batches for every spec) and measure the run."""
+    """Train a fresh model (same seed, same batches for every spec) and measure the run.
+
+    ``label`` names the run in its progress bar or lines (default: the spec's name).
+    """
     torch.manual_seed(seed)
     model = ByteTransformer(size).to(device)
     optimizer, scheduler = spec.build(model, steps)
@@ -215,33 +353,33 @@ def train_run(
     eval_every = max(1, steps // _CURVE_POINTS)
     result = RunResult(name=spec.name, param_count=sum(p.numel() for p in model.parameters()))
     times: list[float] = []
-    bar = _progress(steps, spec.name, progress)
     _reset_peak_memory(device)
     start = time.perf_counter()
-    result.val_curve.append((0, _evaluate(model, val, device)))
-    for step, (x, y) in enumerate(batches, start=1):
-        tick = time.perf_counter()
-        loss = model.loss(x.to(device), y.to(device))
-        loss.backward()
-        if spec.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        value = loss.item()  # the host sync: step time includes the whole step
-        times.append(time.perf_counter() - tick)
-        result.train_curve.append(value)
-        if not math.isfinite(value) or value > DIVERGENCE_FACTOR * result.train_curve[0]:
-            result.diverged_at = step
-            break
-        if step % eval_every == 0 or step == steps:
-            result.val_curve.append((step, _evaluate(model, val, device)))
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{x.numel() / times[-1]:.0f}")
-    if bar is not None:
-        bar.close()
+    progress_report = _Progress(steps, label or spec.name, progress)
+    try:  # a Ctrl-C (KeyboardInterrupt) still closes the bar, leaving the terminal tidy
+        result.val_curve.append((0, _evaluate(model, val, device)))
+        for step, (x, y) in enumerate(batches, start=1):
+            tick = time.perf_counter()
+            loss = model.loss(x.to(device), y.to(device))
+            loss.backward()
+            if spec.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            value = loss.item()  # the host sync: step time includes the whole step
+            times.append(time.perf_counter() - tick)
+            result.train_curve.append(value)
+            if not math.isfinite(value) or value > DIVERGENCE_FACTOR * result.train_curve[0]:
+                result.diverged_at = step
+                progress_report.diverged(step, value)
+                break
+            if step % eval_every == 0 or step == steps:
+                result.val_curve.append((step, _evaluate(model, val, device)))
+            progress_report.update(step, value, x.numel() / times[-1])
+    finally:
+        progress_report.close()
     result.wall_s = time.perf_counter() - start
     result.peak_memory_bytes = _peak_memory(device)
     result.state_bytes = _state_bytes(optimizer)

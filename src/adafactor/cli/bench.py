@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import INTERRUPTED
+from ._train import output_file, positive_int
+
 __all__ = ["SHAPE_SETS", "add_arguments", "run"]
 
 IMPLS: dict[str, str] = {
@@ -65,7 +68,7 @@ def _gpt2_small() -> list[tuple[int, ...]]:
 
 
 def _many_small() -> list[tuple[int, ...]]:
-    # 2000 tensors of 64 .. 65k elements (~35M params): per-tensor overhead dominates
+    # 2000 tensors of 64 .. 33k elements (23M params): per-tensor overhead dominates
     shapes: list[tuple[int, ...]] = []
     for i in range(500):
         shapes += [(64 + i % 7,), (32, 48 + i % 5), (128, 96), (256, 128)]
@@ -85,15 +88,56 @@ SHAPE_SETS = {"gpt2-small": _gpt2_small, "many-small": _many_small, "llama-1b": 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="gpt2-small")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], nargs="+", default=["fp32", "bf16"])
     parser.add_argument(
-        "--impls", nargs="+", choices=sorted(IMPLS), default=None, help="default: all but ref"
+        "--shapes",
+        choices=sorted(SHAPE_SETS),
+        default="gpt2-small",
+        help="parameter shapes to step: gpt2-small (124M parameters in 148 tensors), "
+        "many-small (2000 tensors, 23M parameters: per-tensor overhead) or llama-1b "
+        "(1.2B parameters: tens of GB of memory, checked before it starts) (default gpt2-small)",
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds per paired run")
-    parser.add_argument("--runs", type=int, default=3, help="paired runs (fresh processes)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=None, help="write .json (or .csv) and .md")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        nargs="+",
+        default=["fp32", "bf16"],
+        help="parameter and gradient dtypes to time, one table block each (default both)",
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=sorted(IMPLS),
+        default=None,
+        metavar="IMPL",
+        help="implementations to time: " + ", ".join(sorted(IMPLS)) + " (default: all but "
+        "adafactor_reference; hf_adafactor is skipped when transformers is not installed)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=10,
+        help="timed rounds per paired run, after 2 warm-up steps (default 10)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=positive_int,
+        default=3,
+        help="paired runs, each in a fresh process (default 3)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=2,
+        help="CPU threads for torch and OpenMP in every process (default 2)",
+    )
+    parser.add_argument(
+        "--output",
+        type=output_file,
+        default=None,
+        metavar="FILE",
+        help="also write the rows to FILE (.json or .csv) and the table beside it as .md "
+        "(default: print the table only)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -362,32 +406,62 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(rows: list[dict[str, Any]], table: str, output: Path) -> None:
+    if output.suffix == ".csv":
+        import csv
+
+        with open(output, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        output.write_text(json.dumps(rows, indent=2))
+    output.with_suffix(".md").write_text(table)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker is not None:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    if args.output is not None:  # checked when parsed; made now, before minutes of timing
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(
+                f"adafactor bench: error: --output {args.output}: cannot create its folder "
+                f"({exc.strerror or exc}); pass another path",
+                file=sys.stderr,
+            )
+            return 2
     impls = args.impls or DEFAULT_IMPLS
     missing = [i for i in impls if not _available(i)]
     if missing:
         print(f"skipping {missing}: transformers is not installed", file=sys.stderr)
     impls = [i for i in impls if i not in missing]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    finished: list[str] = []
+    interrupted = False
     for dtype in args.dtype:
-        rows += _bench_dtype(args, dtype, impls)
+        try:
+            rows += _bench_dtype(args, dtype, impls)
+        except KeyboardInterrupt:
+            interrupted = True
+            break
+        finished.append(dtype)
+    if interrupted and not rows:
+        print("adafactor bench: interrupted before any dtype finished", file=sys.stderr)
+        return INTERRUPTED
     table = _markdown(rows, args)
     print(table)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        if args.output.suffix == ".csv":
-            import csv
-
-            with open(args.output, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-                writer.writeheader()
-                writer.writerows(rows)
-        else:
-            args.output.write_text(json.dumps(rows, indent=2))
-        args.output.with_suffix(".md").write_text(table)
+        _write(rows, table, args.output)
+    if interrupted:
+        where = f" in {args.output} and above" if args.output is not None else " above"
+        print(
+            f"adafactor bench: interrupted: kept results of {', '.join(finished)}{where}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     return 0
 
 

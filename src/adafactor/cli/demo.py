@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,13 +29,15 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from adafactor import Adafactor
 
-from ._data import DataError, load_corpus
-from ._model import MODEL_SIZES
+from . import INTERRUPTED
+from ._data import Corpus, DataError, load_corpus
+from ._model import MODEL_SIZES, ModelSize
 from ._report import error, fmt_bytes, fmt_loss, markdown_table, plot_curves, run_record, write_json
 from ._train import (
     OptimizerSpec,
     RunResult,
     add_common_arguments,
+    make_output_dir,
     positive_float,
     setup_device,
     train_run,
@@ -155,36 +158,64 @@ def _comparison(by_name: dict[str, RunResult]) -> tuple[dict[str, Any], list[str
     return fields, lines
 
 
+def _train_all(
+    args: argparse.Namespace, size: ModelSize, corpus: Corpus, adamw_lr: float, device: Any
+) -> tuple[list[RunResult], bool]:
+    """Train every optimizer in turn; on Ctrl-C, return the finished runs and True."""
+    results: list[RunResult] = []
+    for index, name in enumerate(args.optimizers, start=1):
+        try:
+            results.append(
+                train_run(
+                    _spec(name, adamw_lr),
+                    size,
+                    corpus,
+                    steps=args.steps,
+                    seed=args.seed,
+                    device=device,
+                    label=f"[{index}/{len(args.optimizers)}] {name}",
+                )
+            )
+        except KeyboardInterrupt:
+            return results, True
+    return results, False
+
+
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     device = setup_device(args.device, args.threads)
     size = MODEL_SIZES[args.model_size]
     adamw_lr = args.adamw_lr or ADAMW_PEAK_LR[args.model_size]
     corpus = load_corpus(args.data, size.context)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output)  # checked when the options were parsed (output_dir)
+    make_output_dir(output)
     print(
         f"data: {corpus.source}: {corpus.files} files, {len(corpus.train)} train bytes, "
-        f"{len(corpus.val)} validation bytes"
+        f"{len(corpus.val)} validation bytes",
+        flush=True,
     )
-    results = [
-        train_run(
-            _spec(name, adamw_lr), size, corpus, steps=args.steps, seed=args.seed, device=device
+    results, interrupted = _train_all(args, size, corpus, adamw_lr, device)
+    if interrupted and not results:
+        print(
+            f"adafactor demo: interrupted before any run finished; nothing written to {output}",
+            file=sys.stderr,
         )
-        for name in args.optimizers
-    ]
+        return INTERRUPTED
     table = _table(results)
     comparison, lines = _comparison({r.name: r for r in results})
     params = results[0].param_count
-    print(
-        f"\nmodel {args.model_size} (d_model {size.d_model}, {size.n_layers} layer(s)): {params:,} "
-        f"parameters, {args.steps} steps of {size.batch_size} x {size.context} bytes on {device}; "
-        f"AdamW peak lr {adamw_lr:g}\n"
-    )
-    print(table + "\n")
     wall = time.perf_counter() - started
     lines.append(f"wall time: {wall:.1f} s (data, training, evaluation; not Python start-up)")
-    print("\n".join(lines))
+    if interrupted:
+        lines.insert(0, f"interrupted after {len(results)} of {len(args.optimizers)} runs (Ctrl-C)")
+    else:
+        print(
+            f"\nmodel {args.model_size} (d_model {size.d_model}, {size.n_layers} layer(s)): "
+            f"{params:,} parameters, {args.steps} steps of {size.batch_size} x {size.context} "
+            f"bytes on {device}; AdamW peak lr {adamw_lr:g}\n"
+        )
+        print(table + "\n")
+        print("\n".join(lines))
     (output / "table.md").write_text(table + "\n\n" + "\n".join(lines) + "\n")
     plot_curves(results, output / "loss_curves.png", f"byte-level LM, {args.model_size} model")
     config = {
@@ -193,6 +224,7 @@ def _run(args: argparse.Namespace) -> int:
         "model": asdict(size),
         "parameters": params,
         "seed": args.seed,
+        "optimizers": list(args.optimizers),
         "adamw_peak_lr": adamw_lr,
         "device": str(device),
         "threads": args.threads,
@@ -206,11 +238,16 @@ def _run(args: argparse.Namespace) -> int:
     payload = {
         "command": "demo",
         "config": config,
+        "interrupted": interrupted,
         "runs": {r.name: run_record(r) for r in results},
         "comparison": comparison,
         "total_wall_s": time.perf_counter() - started,
     }
     write_json(output / "results.json", payload)
+    if interrupted:
+        count = f"{len(results)} finished run{'s' if len(results) > 1 else ''}"
+        print(f"adafactor demo: interrupted: kept results of {count} in {output}", file=sys.stderr)
+        return INTERRUPTED
     print(f"wrote {output / 'results.json'}, {output / 'table.md'}, {output / 'loss_curves.png'}")
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,13 +27,15 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from adafactor import Adafactor
 
-from ._data import DataError, load_corpus
+from . import INTERRUPTED
+from ._data import Corpus, DataError, load_corpus
 from ._model import MODEL_SIZES, ModelSize
 from ._report import error, fmt_loss, markdown_table, plot_grid, run_record, write_json
 from ._train import (
     OptimizerSpec,
     RunResult,
     add_common_arguments,
+    make_output_dir,
     positive_float,
     setup_device,
     train_run,
@@ -175,7 +178,12 @@ def _table(rows: list[Row], results: Results) -> str:
     header = ["row", "beta1", "beta2", "factored", "clip d", "step"]
     header += [f"val loss, {column}" for column in COLUMNS]
     body = [
-        row.describe() + [_cell(results[row.key, column]) for column in COLUMNS] for row in rows
+        row.describe()
+        + [
+            _cell(results[row.key, column]) if (row.key, column) in results else "not run"
+            for column in COLUMNS
+        ]
+        for row in rows
     ]
     return markdown_table(header, body)
 
@@ -252,28 +260,64 @@ def _parse_rows(text: str) -> list[Row]:
     return [row for row in ROWS if row.key in text.upper()]
 
 
+def _train_all(
+    args: argparse.Namespace,
+    rows: list[Row],
+    size: ModelSize,
+    corpus: Corpus,
+    steps: int,
+    abs_lr: float,
+    device: Any,
+) -> tuple[Results, bool]:
+    """Train every row in both columns; on Ctrl-C, return the finished runs and True."""
+    results: Results = {}
+    total = len(rows) * len(COLUMNS)
+    for row in rows:
+        for column in COLUMNS:
+            spec = _spec(row, column == "warmup", abs_lr)
+            label = f"[{len(results) + 1}/{total}] {spec.name}"
+            try:
+                results[row.key, column] = train_run(
+                    spec, size, corpus, steps=steps, seed=args.seed, device=device, label=label
+                )
+            except KeyboardInterrupt:
+                return results, True
+    return results, False
+
+
 def _run(args: argparse.Namespace, size: ModelSize, steps: int, abs_lr: float) -> int:
     started = time.perf_counter()
     rows = _parse_rows(args.rows)
     device = setup_device(args.device, args.threads)
     corpus = load_corpus(args.data, size.context)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    results: Results = {}
-    for row in rows:
-        for column in COLUMNS:
-            spec = _spec(row, column == "warmup", abs_lr)
-            results[row.key, column] = train_run(
-                spec, size, corpus, steps=steps, seed=args.seed, device=device
-            )
+    output = Path(args.output)  # checked when the options were parsed (output_dir)
+    make_output_dir(output)
+    results, interrupted = _train_all(args, rows, size, corpus, steps, abs_lr, device)
+    if interrupted and not results:
+        print(
+            f"adafactor reproduce: interrupted before any run finished; nothing written to "
+            f"{output}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    planned = len(rows) * len(COLUMNS)
+    rows = [row for row in rows if any((row.key, c) in results for c in COLUMNS)]
+    # The findings compare the two columns of a row, so they use complete rows only.
+    complete = {k: r for k, r in results.items() if all((k[0], c) in results for c in COLUMNS)}
     table = _table(rows, results)
-    checked = findings(results)
+    checked = findings(complete)
     report = (
         f"{table}\n\nFindings of the paper, checked against this run:\n\n{_findings_text(checked)}"
     )
-    print(f"\n{report}\n")
+    if interrupted:
+        report = f"interrupted after {len(results)} of {planned} runs (Ctrl-C)\n\n{report}"
+    else:
+        print(f"\n{report}\n")
     (output / "table.md").write_text(report + "\n")
-    panels = [(row.label(), [results[row.key, c] for c in COLUMNS]) for row in rows]
+    panels = [
+        (row.label(), [results[row.key, c] for c in COLUMNS if (row.key, c) in results])
+        for row in rows
+    ]
     title = f"Table 2 ablation, {steps} steps, absolute-step peak {abs_lr:g}"
     plot_grid(panels, output / "loss_curves.png", title)
     payload = {
@@ -285,10 +329,13 @@ def _run(args: argparse.Namespace, size: ModelSize, steps: int, abs_lr: float) -
             "seed": args.seed,
             "device": str(device),
         },
+        "interrupted": interrupted,
         "rows": {
             row.key: {
                 "config": asdict(row),
-                "runs": {c: run_record(results[row.key, c]) for c in COLUMNS},
+                "runs": {
+                    c: run_record(results[row.key, c]) for c in COLUMNS if (row.key, c) in results
+                },
             }
             for row in rows
         },
@@ -296,6 +343,13 @@ def _run(args: argparse.Namespace, size: ModelSize, steps: int, abs_lr: float) -
         "total_wall_s": time.perf_counter() - started,
     }
     write_json(output / "results.json", payload)
+    if interrupted:
+        count = f"{len(results)} finished run{'s' if len(results) > 1 else ''}"
+        print(
+            f"adafactor reproduce: interrupted: kept results of {count} in {output}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     print(f"wrote {output / 'results.json'}, {output / 'table.md'}, {output / 'loss_curves.png'}")
     return 0
 
