@@ -43,7 +43,9 @@ OPTIM_INPUTS: list[AdafactorInput] = [
     AdafactorInput("beta2 cap", {"beta2_cap": 0.9, "beta2_decay": -0.5}),
     AdafactorInput("fixed beta2 (Adam decay)", {"beta2": 0.999}),
     AdafactorInput("momentum update", {"beta1": 0.9}),
-    AdafactorInput("momentum normalized_update", {"beta1": 0.9, "momentum_kind": "normalized_update"}),
+    AdafactorInput(
+        "momentum normalized_update", {"beta1": 0.9, "momentum_kind": "normalized_update"}
+    ),
     AdafactorInput("momentum grad", {"beta1": 0.9, "momentum_kind": "grad"}),
     AdafactorInput("bf16 momentum", {"beta1": 0.9, "momentum_dtype": torch.bfloat16}),
     *(
@@ -92,7 +94,9 @@ ERROR_INPUTS: list[ErrorInput] = [
         r"warmup_init=True .* needs relative_step=True",
     ),
     ErrorInput({"beta1": 1.0}, ValueError, r"beta1 must be in \[0.0, 1.0\), got 1.0"),
-    ErrorInput({"beta1": 0.9, "momentum_kind": "adam"}, ValueError, r"momentum_kind must be one of"),
+    ErrorInput(
+        {"beta1": 0.9, "momentum_kind": "adam"}, ValueError, r"momentum_kind must be one of"
+    ),
     ErrorInput({"momentum_dtype": torch.int8}, TypeError, r"momentum_dtype must be a floating"),
     ErrorInput({"weight_decay": -0.1}, ValueError, r"weight_decay must be in \[0.0, inf\)"),
     ErrorInput({"weight_decay_mode": "adamw"}, ValueError, r"weight_decay_mode must be one of"),
