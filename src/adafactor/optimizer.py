@@ -419,17 +419,17 @@ class Adafactor(Optimizer):
         skip_all = None  # with global_clipnorm a non-finite gradient anywhere skips every group
         if global_scale is not None and any(g["skip_nonfinite"] for g in self.param_groups):
             skip_all = _found_inf([g for _, grads in work for g in grads])
-        self.last_step_stats = []
+        stats: list[StepStats | None] = []
         for group, (params, grads) in zip(self.param_groups, work):
             if not params:
-                self.last_step_stats.append(None)
+                stats.append(None)
                 continue
             found_inf = None
             if group["skip_nonfinite"]:
                 found_inf = skip_all if skip_all is not None else _found_inf(grads)
-            self.last_step_stats.append(
-                self._step_group(group, params, grads, global_scale, found_inf)
-            )
+            stats.append(self._step_group(group, params, grads, global_scale, found_inf))
+        # filled in place: torch.compile replays list mutations, not attribute stores on optimizers
+        self.last_step_stats[:] = stats
         return loss
 
     def _grads_of(self, group: dict[str, Any], index: int) -> tuple[list[Tensor], list[Tensor]]:

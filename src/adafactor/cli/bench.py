@@ -44,6 +44,7 @@ IMPLS: dict[str, str] = {
     "adafactor": "this project, defaults (impl='auto')",
     "adafactor_mom_bf16": "this project, beta1=0.9, momentum_dtype=bfloat16",
     "adafactor_reference": "this project, impl='reference' (the readable math)",
+    "adafactor_compiled": "this project, torch.compile(opt.step, fullgraph=True)",
     "torch_adafactor_single": "torch.optim.Adafactor(foreach=False)",
     "torch_adafactor_foreach": "torch.optim.Adafactor(foreach=True)",
     "hf_adafactor": "transformers Adafactor defaults (relative_step, scale_parameter)",
@@ -110,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="IMPL",
         help="implementations to time: " + ", ".join(sorted(IMPLS)) + " (default: all but "
-        "adafactor_reference; hf_adafactor is skipped when transformers is not installed)",
+        "adafactor_reference and adafactor_compiled; hf_adafactor is skipped when transformers "
+        "is not installed)",
     )
     parser.add_argument(
         "--steps",
@@ -161,6 +163,16 @@ class _Sampler(threading.Thread):
             time.sleep(0.001)
 
 
+class _Compiled:
+    """An optimizer whose step is ``torch.compile(opt.step, fullgraph=True)``."""
+
+    def __init__(self, opt: Any) -> None:
+        import torch
+
+        self.state = opt.state
+        self.step = torch.compile(opt.step, fullgraph=True)
+
+
 def _make_optimizer(name: str, params: list[Any]) -> Any:
     import torch
 
@@ -169,6 +181,8 @@ def _make_optimizer(name: str, params: list[Any]) -> Any:
 
         if name == "adafactor_mom_bf16":
             return Adafactor(params, beta1=0.9, momentum_dtype=torch.bfloat16)
+        if name == "adafactor_compiled":
+            return _Compiled(Adafactor(params))
         return Adafactor(params, impl="reference" if name == "adafactor_reference" else "auto")
     if name == "torch_adafactor_single":
         return torch.optim.Adafactor(params, foreach=False)
