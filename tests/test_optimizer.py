@@ -391,3 +391,92 @@ def test_update_clipping_bounds_the_update_rms():
     opt.step()
     update = before - p.detach()
     assert math.sqrt(update.square().mean().item()) == pytest.approx(0.5, rel=1e-5)
+
+
+# --- checkpoint edges ----------------------------------------------------------------------------
+def test_plain_number_step_loads_and_steps():
+    params = make_params(shapes={"w": (6, 4)})
+    opt = Adafactor(params)
+    _run(params, opt, range(2))
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = 2  # older torch checkpoints stored a Python number
+    fresh = Adafactor(params)
+    fresh.load_state_dict(sd)
+    assert fresh.state[params[0]]["step"].dtype == torch.float64
+    _run(params, fresh, range(2, 3))
+    assert int(fresh.state[params[0]]["step"]) == 3
+
+
+def test_bad_state_dict_leaves_the_optimizer_as_it_was():
+    params = make_params(shapes={"w": (6, 4), "b": (4,)})
+    opt = Adafactor(params)
+    _run(params, opt, range(2))
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["lr"] = 0.5
+    bad["state"][1]["variance"] = torch.zeros(3)  # the second parameter's state has a bad shape
+    with pytest.raises(ValueError, match=r"state\['variance'\] of the parameter with id 1"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"][0]["lr"] == before["param_groups"][0]["lr"]
+    for pid, st in before["state"].items():
+        assert all(torch.equal(after["state"][pid][k], v) for k, v in st.items())
+
+
+def test_load_hooks_behave_as_in_torch():
+    params = make_params(shapes={"w": (6, 4)})
+    opt = Adafactor(params)
+    _run(params, opt, range(1))
+    sd = opt.state_dict()
+    calls = []
+
+    def pre(optimizer, state_dict):
+        calls.append("pre")
+        out = copy.deepcopy(state_dict)
+        out["param_groups"][0]["lr"] = 0.123  # the hook's result is what gets loaded
+        return out
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(lambda optimizer: calls.append("post"))
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "post"]
+    assert opt.param_groups[0]["lr"] == 0.123
+
+
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_zero_lr_step_never_changes_parameters(preset, impl):
+    """torch.distributed.checkpoint's get_state_dict steps a fresh optimizer once with lr=0 and
+    zero gradients to create its state: no weight-decay form may move the weights."""
+    params = make_params(shapes={"w": (6, 4), "b": (4,)})
+    before = [p.detach().clone() for p in params]
+    opt = Adafactor(params, preset=preset, weight_decay=0.1, impl=impl)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_torch_format_export_continues_in_torch():
+    shapes = {"w": (6, 4), "b": (4,)}
+    ours_params, torch_params = make_params(shapes=shapes), make_params(shapes=shapes)
+    ours = Adafactor.from_torch(ours_params, lr=1e-2, weight_decay=0.01)
+    _run(ours_params, ours, range(3))
+    with torch.no_grad():
+        for a, b in zip(torch_params, ours_params):
+            a.copy_(b)
+    theirs = torch.optim.Adafactor(torch_params, lr=1e-2, weight_decay=0.01)
+    theirs.load_state_dict(copy.deepcopy(ours.torch_state_dict()))  # (it would share tensors)
+    _run(ours_params, ours, range(3, 6))
+    _run(torch_params, theirs, range(3, 6))
+    for a, b in zip(ours_params, torch_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_format_export_refuses_state_torch_lacks():
+    params = make_params(shapes={"w": (6, 4)})
+    opt = Adafactor(params, beta1=0.9)
+    with pytest.raises(ValueError, match=r"beta1=0\.9 keeps state that torch\.optim\.Adafactor"):
+        opt.torch_state_dict()

@@ -31,7 +31,7 @@ import math
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ from .factoring import FactorDims
 __all__ = [
     "FusedStep",
     "FusedUnavailableError",
+    "GroupOutcome",
     "GroupTables",
     "apply_update",
     "available",
@@ -412,7 +413,8 @@ def warn_stale_rms(stale: list[tuple[tuple[int, ...], float]]) -> None:
 _TI_G, _TI_X, _TI_M, _TI_V, _TI_NOISE, _TI_RSTATE, _TI_CSTATE, _TI_STEP = range(8)
 _TI_NUMEL, _TI_R, _TI_B, _TI_C, _TI_D, _TI_ROWS, _TI_COLS, _TI_FLAGS, _TABLE_I = range(8, 17)
 _TD_LR, _TD_RHO, _TD_W2, _TD_EPS1, _TD_CARRIED, _TD_ALPHA, _TD_RMS = range(7)
-_TD_NEW_SQ, _TD_OLD_SQ, _TABLE_D = range(7, 10)
+_TD_NEW_SQ, _TD_OLD_SQ, _TD_STATUS, _TABLE_D = range(7, 11)
+_OVERFLOW = 2  # TD_STATUS (C: ERR_OVERFLOW): a finite gradient overflowed float32, left untouched
 _GROUP_D, _GROUP_I = 8, 6
 _F_BF16, _F_MBF16, _F_FACTORED, _F_CARRY, _F_USE_CARRIED, _F_WANT_X = 1, 2, 4, 8, 16, 32
 
@@ -475,12 +477,10 @@ def group_step(
     scalars_of: Any,
     grad_scale: float,
     noise: list[Tensor] | None,
-) -> tuple[Tensor, Tensor, Tensor, list[tuple[tuple[int, ...], float]]]:
+) -> GroupOutcome:
     """Every tensor of ``tables`` in one kernel call (their step counters advanced first).
 
-    ``scalars_of(t)`` gives the :class:`StepScalars` of step ``t``. Returns the float64 tensors
-    ``t``, ``alpha_t`` and ``RMS(U)`` (one entry per tensor), and (shape, relative RMS(x) error)
-    of each parameter whose carried sum of x^2 proved stale.
+    ``scalars_of(t)`` gives the :class:`StepScalars` of step ``t``.
     """
     lib = load()
     ints, doubles, n = tables.ints, tables.doubles, len(params)
@@ -543,8 +543,20 @@ def group_step(
             "use impl='reference'"
         )
     carry = plan.scale_parameter and plan.carry_param_rms
-    stale = _keep_carry(params, doubles, flags) if carry else []
-    return t, doubles[:, _TD_ALPHA], doubles[:, _TD_RMS], stale
+    status = doubles[:, _TD_STATUS]
+    overflowed = (status == _OVERFLOW).nonzero().flatten().tolist() if bool(status.any()) else []
+    stale = _keep_carry(params, doubles, flags, overflowed) if carry else []
+    return GroupOutcome(t, doubles[:, _TD_ALPHA], doubles[:, _TD_RMS], stale, overflowed)
+
+
+class GroupOutcome(NamedTuple):
+    """What :func:`group_step` did, one entry per tensor of the group (float64 tensors)."""
+
+    t: Tensor  # the step each tensor took
+    alpha: Tensor  # alpha_t
+    update_rms: Tensor  # RMS(U) before clipping
+    stale: list[tuple[tuple[int, ...], float]]  # (shape, RMS(x) error) of stale carried sums
+    overflowed: list[int]  # tensors left untouched: a finite gradient overflowed float32
 
 
 def _fill_scalars(
@@ -585,14 +597,18 @@ def _carried(p: Tensor) -> float | None:
 
 
 def _keep_carry(
-    params: list[Tensor], doubles: Tensor, flags: Tensor
+    params: list[Tensor], doubles: Tensor, flags: Tensor, overflowed: list[int]
 ) -> list[tuple[tuple[int, ...], float]]:
     """Keep each parameter's new sum of x^2 for the next step; return the stale carried ones."""
+    for i in overflowed:  # stepped elsewhere: re-read x next time
+        if getattr(params[i], _CARRY_ATTR, None) is not False:
+            setattr(params[i], _CARRY_ATTR, None)
+    skip = set(overflowed)
     stale = []
     use = (flags & _F_USE_CARRIED).bool().tolist()
     carried, old, new = (doubles[:, k].tolist() for k in (_TD_CARRIED, _TD_OLD_SQ, _TD_NEW_SQ))
     for i, p in enumerate(params):
-        if getattr(p, _CARRY_ATTR, None) is False:
+        if i in skip or getattr(p, _CARRY_ATTR, None) is False:
             continue
         c, o = carried[i], old[i]
         if use[i] and not (c == o or (math.isnan(c) and math.isnan(o))):

@@ -80,6 +80,9 @@ class TensorStep:
     update: Tensor | None = None  # U (or momentum-based numerator / sqrt(V_hat)), pass 2
     update_rms: Tensor | None = None  # RMS(U) before clipping, set after pass 2
     row_var_mean: Tensor | None = None  # mean of R over rows; a sharded driver sets the reduced one
+    # float64 math for a finite gradient whose squares overflow float32 (see adafactor_tensor_step):
+    # this step's new statistics, unrounded, by state key (the state keeps them saturated)
+    wide: dict[str, Tensor] | None = None
 
     @property
     def lr(self) -> float | Tensor:
@@ -164,8 +167,25 @@ def update_factors(ts: TensorStep, sums: GradSums) -> None:
     row_mean = sums.row * (scale_sq / ts.shape[ts.dims.col_dim]) + eps1
     col_mean = sums.col * (scale_sq / ts.shape[ts.dims.row_dim]) + eps1
     weight = 1.0 - ts.scalars.beta2
-    ts.state["row_var"].lerp_(row_mean.to(ts.state["row_var"].dtype), weight)
-    ts.state["col_var"].lerp_(col_mean.to(ts.state["col_var"].dtype), weight)
+    _average(ts, "row_var", row_mean, weight)
+    _average(ts, "col_var", col_mean, weight)
+
+
+def _average(ts: TensorStep, key: str, new: Tensor, weight: float | Tensor) -> Tensor:
+    """state[key] <- lerp(state[key], new, weight); returns the average in the math dtype.
+
+    On the float64 path the average is taken in float64 and stored saturated at the state dtype's
+    largest value (a statistic beyond float32's range cannot be stored), and this step uses the
+    unrounded one."""
+    state = ts.state[key]
+    if ts.wide is None:
+        state.lerp_(new.to(state.dtype), weight)
+        return state.to(ts.grad.dtype)
+    avg = state.to(new.dtype).lerp(new, weight)
+    big = torch.finfo(state.dtype).max
+    state.copy_(avg.clamp(-big, big))
+    ts.wide[key] = avg
+    return avg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,20 +203,23 @@ def update_square_sum(ts: TensorStep) -> Tensor:
     clamp = plan.eps1_mode == Eps1Mode.CLAMP
     eps1 = _eps1(ts)
     if ts.dims is not None:
-        row_var = state["row_var"].to(g.dtype)
-        col_var = state["col_var"].to(g.dtype)
+        wide = ts.wide or {}
+        row_var = wide.get("row_var", state["row_var"]).to(g.dtype)
+        col_var = wide.get("col_var", state["col_var"]).to(g.dtype)
         row_mean = ts.row_var_mean
         if row_mean is None:  # a shard's rows alone would give a local mean
             row_mean = row_var.mean(ts.dims.row_dim, keepdim=True)
         if clamp:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
             v_hat = (row_var * col_var / row_mean.clamp(min=eps1)).clamp(min=eps1 * eps1)
         else:
-            v_hat = row_var / row_mean * col_var
+            # 1/sqrt(V_hat) as the product of a per-row and a per-column factor: the same value
+            # computed on the small vectors, and no underflow of R C / mean(R) to 0 (which would
+            # give U = inf) when the statistics span more than float32's range after an outlier
+            inv_row = (row_var / row_mean).sqrt().reciprocal()
+            inv_col = col_var.sqrt().reciprocal()
     else:
-        variance = state["variance"]
         new_sq = g.square() if clamp else g.square() + eps1
-        variance.lerp_(new_sq.to(variance.dtype), 1.0 - ts.scalars.beta2)
-        v_hat = variance.to(g.dtype)
+        v_hat = _average(ts, "variance", new_sq, 1.0 - ts.scalars.beta2)
         if clamp:
             v_hat = v_hat.clamp(min=eps1 * eps1)
     numerator = g
@@ -204,7 +227,10 @@ def update_square_sum(ts: TensorStep) -> Tensor:
         exp_avg = state["exp_avg"]
         exp_avg.lerp_(g.to(exp_avg.dtype), 1.0 - _beta1(plan))
         numerator = exp_avg.to(g.dtype)
-    ts.update = numerator * v_hat.rsqrt()
+    if ts.dims is not None and not clamp:
+        ts.update = numerator * inv_row * inv_col
+    else:
+        ts.update = numerator * v_hat.rsqrt()
     return ts.update.square().sum()
 
 
@@ -242,8 +268,8 @@ def apply_update(ts: TensorStep, update_sq_sum: Tensor, noise: Tensor | None = N
             x = x - x * (ts.lr * wd)
         elif mode == WeightDecay.ALPHA:
             x = x - x * (ts.alpha * wd)
-        else:  # UNSCALED
-            x = x - x * wd
+        else:  # UNSCALED; an lr of 0 still changes nothing (DCP's get_state_dict steps with it)
+            x = x - x * (wd * (ts.lr != 0))
     x = x - update
     if ts.param.dtype == torch.bfloat16 and plan.stochastic_rounding:
         assert noise is not None, "stochastic rounding needs the draws of rounding_noise()"
@@ -275,12 +301,32 @@ def stochastic_round_to_bf16(x: Tensor, noise: Tensor) -> Tensor:
 # one tensor, all passes
 # ---------------------------------------------------------------------------------------------
 def adafactor_tensor_step(
-    ts: TensorStep, global_grad_scale: Tensor | None = None, noise: Tensor | None = None
+    ts: TensorStep,
+    global_grad_scale: Tensor | None = None,
+    noise: Tensor | None = None,
+    wide: bool = False,
 ) -> None:
-    """Run the three passes on one unsharded tensor (the single-device reference path)."""
+    """Run the three passes on one unsharded tensor (the single-device reference path).
+
+    A finite gradient whose squares overflow float32 (|g| above about 1.8e19, or sums beyond
+    3.4e38) would turn the whole tensor into NaN. Pass 1 changes nothing, so such a tensor (on the
+    CPU, where the check costs no sync; or with ``wide=True``) is stepped in float64 instead:
+    finite gradients give finite parameters and state (statistics saturate at float32's maximum).
+    """
     sums = grad_square_sums(ts)
+    if wide or (ts.grad.dtype == torch.float32 and _overflowed(ts, sums)):
+        ts.grad, ts.wide = ts.grad.double(), {}
+        sums = grad_square_sums(ts)
     finish_statistics(ts, sums, global_grad_scale)
     apply_update(ts, update_square_sum(ts), noise)
+
+
+def _overflowed(ts: TensorStep, sums: GradSums) -> bool:
+    """A finite gradient's float32 sums of squares overflowed (CPU tensors only: no sync)."""
+    if ts.grad.device.type != "cpu":
+        return False
+    parts = [sums.grad_sq.reshape(1)] + [t.flatten() for t in (sums.row, sums.col) if t is not None]
+    return not bool(torch.cat(parts).isfinite().all()) and bool(ts.grad.isfinite().all())
 
 
 def finish_statistics(ts: TensorStep, sums: GradSums, global_grad_scale: Tensor | None) -> None:

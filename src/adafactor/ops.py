@@ -169,19 +169,23 @@ def _reference_impl(
     alphas: Tensor,
     rmss: Tensor,
     index: Sequence[int],
+    advance: bool = True,
+    wide: bool = False,
 ) -> None:
-    """The readable math, one tensor after another (``index``: positions in the outputs)."""
+    """The readable math, one tensor after another (``index``: positions in the outputs;
+    ``advance=False``: the step counters were advanced already; ``wide``: in float64)."""
     lr_value: float | Tensor = lr if lr.device.type != "cpu" else float(lr)
     for k, i in enumerate(index):
         p, g, state = params[k], grads[k], states[k]
         step = state["step"]
-        step += 1
+        if advance:
+            step += 1
         if p.numel() == 0:  # counted, nothing to update (alpha and RMS(U) stay 0)
             continue
         t = float(step)
         sc = step_scalars(plan, t, lr_value)
         ts = ref.prepare(p, g, state, plan, sc, dims[k])
-        ref.adafactor_tensor_step(ts, grad_scale, noise[k] if noise else None)
+        ref.adafactor_tensor_step(ts, grad_scale, noise[k] if noise else None, wide)
         assert ts.update_rms is not None
         alphas[i] = ts.alpha
         rmss[i] = ts.update_rms
@@ -349,7 +353,7 @@ def _kernel_part(
         return step_scalars(plan, t, lr_value)
 
     sr = [noise[i] for i in index] if noise else None
-    _, alpha, rms, stale = _fused_cpu.group_step(
+    out = _fused_cpu.group_step(
         tables,
         ps,
         [grads[i] for i in index],
@@ -359,18 +363,36 @@ def _kernel_part(
         sr,
     )
     if len(index) == len(params):
-        alphas.copy_(alpha)
-        rmss.copy_(rms)
+        alphas.copy_(out.alpha)
+        rmss.copy_(out.update_rms)
     else:
         where = torch.tensor(index)
-        alphas[where] = alpha.float()
-        rmss[where] = rms.float()
-    if plan.use_ema:
-        t_of = [float(states[i]["step"]) for i in index]
-        for i, t in zip(index, t_of):
-            update_ema(params[i], states[i]["ema"], plan, t)
-    if stale:
-        _fused_cpu.warn_stale_rms(stale)
+        alphas[where] = out.alpha.float()
+        rmss[where] = out.update_rms.float()
+    if out.overflowed:  # untouched by the kernel (step counted): the reference's float64 path
+        wide = [index[k] for k in out.overflowed]
+        _reference_impl(
+            plan,
+            [params[i] for i in wide],
+            [grads[i] for i in wide],
+            [states[i] for i in wide],
+            [dims[i] for i in wide],
+            lr,
+            grad_scale,
+            [noise[i] for i in wide] if noise else [],
+            alphas,
+            rmss,
+            wide,
+            advance=False,
+            wide=True,
+        )
+    if plan.use_ema:  # (the float64 path above updated its own)
+        done = {index[k] for k in out.overflowed}
+        for i in index:
+            if i not in done:
+                update_ema(params[i], states[i]["ema"], plan, float(states[i]["step"]))
+    if out.stale:
+        _fused_cpu.warn_stale_rms(out.stale)
 
 
 @torch.library.custom_op("adafactor::step_", mutates_args=_MUTATED, schema=SCHEMA)
@@ -448,6 +470,70 @@ def _step_cpu(
         found_inf,
         skipped_steps,
         plan,
+    )
+
+
+@step_.register_kernel("cuda")
+def _step_cuda(
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    row_vars: list[Tensor],
+    col_vars: list[Tensor],
+    variances: list[Tensor],
+    exp_avgs: list[Tensor],
+    emas: list[Tensor],
+    noise: list[Tensor],
+    factor_dims: list[int],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    skipped_steps: Tensor,
+    *plan: Any,
+) -> tuple[Tensor, Tensor]:
+    """CUDA: the multi-tensor foreach implementation (:mod:`adafactor._foreach`) for
+    ``impl="auto"`` and ``"fused"``; ``"reference"`` and ``"triton"`` as on other devices."""
+    from . import _foreach
+
+    group_plan = GroupPlan(*plan)
+    if group_plan.impl not in (Impl.AUTO, Impl.FUSED):
+        return _run(
+            False,
+            params,
+            grads,
+            steps,
+            row_vars,
+            col_vars,
+            variances,
+            exp_avgs,
+            emas,
+            noise,
+            factor_dims,
+            lr,
+            grad_scale,
+            found_inf,
+            skipped_steps,
+            plan,
+        )
+    check_inputs(
+        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims
+    )
+    return _foreach.group_step(
+        params,
+        grads,
+        steps,
+        row_vars,
+        col_vars,
+        variances,
+        exp_avgs,
+        emas,
+        noise,
+        factor_dims,
+        lr,
+        grad_scale,
+        found_inf,
+        skipped_steps,
+        group_plan,
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
@@ -454,8 +455,9 @@ class Adafactor(Optimizer):
         if distributed.has_dtensor(grads):  # local sums, one batched all-reduce
             sq_sum = distributed.grad_square_sum(grads)
         else:
-            norms = torch._foreach_norm([g.float() for g in grads])
-            sq_sum = torch.stack([n.square() for n in norms]).sum()
+            # float64 accumulation: finite gradients never overflow the norm (and no fp32 copies)
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+            sq_sum = torch.stack(norms).square().sum()
         assert self.global_clipnorm is not None
         return ref.norm_clip_factor(sq_sum, self.global_clipnorm)
 
@@ -499,65 +501,140 @@ class Adafactor(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of ``torch.optim.Adafactor``.
 
-        The layout is checked first: a state tensor whose shape does not fit its parameter under
-        this optimizer's factoring options raises instead of loading silently. State keeps its
-        own dtype (float32 statistics stay float32 for bf16 parameters), so resuming is bit-exact.
+        Everything is checked before anything changes: the groups' options, the parameter ids,
+        every state value (a finite, non-negative ``step``, which may be a plain number as in
+        older torch checkpoints; finite state, non-negative second moments) and each state
+        tensor's shape under this optimizer's factoring options; on an error the optimizer is
+        left as it was. State keeps its own dtype (float32 statistics stay float32 for bf16
+        parameters), so resuming is bit-exact. Load-state-dict pre-hooks run first and may
+        replace the dict, post-hooks run last, as in torch.
         """
-        state_dict = {
-            "state": state_dict["state"],
-            "param_groups": [
-                _translate_group(g, mine)
-                for g, mine in zip(state_dict["param_groups"], self.param_groups)
-            ]
-            + state_dict["param_groups"][len(self.param_groups) :],
-        }
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        saved_state = state_dict["state"]
-        check_state_ids(saved_ids, saved_state.keys())
-        checked = {
-            pid: {key: check_loaded_state(pid, key, value) for key, value in saved.items()}
-            for pid, saved in saved_state.items()
-        }  # before anything is loaded: a bad value leaves the optimizer as it was
-        super().load_state_dict(state_dict)
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                check_param(p, f"param_groups[{gi}]", group["factored"])
-        id_to_param = dict(zip(saved_ids, params))
-        for pid, saved in checked.items():
-            p = id_to_param[pid]
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-            expected = self._expected_state(p, group)
-            known = set(_STATE_KEYS) & set(saved)
-            if known != set(expected) and saved:
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for saved, mine in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(
-                    f"load_state_dict: the parameter with id {pid} (shape {tuple(p.shape)}) has "
-                    f"state {sorted(known)}, but this optimizer expects {sorted(expected)} under "
-                    f"its options (beta1={group['beta1']!r}, use_ema={group['use_ema']!r}, "
-                    f"factor_dims={group['factor_dims']!r}). Load a state dict saved from the "
-                    "same model, param groups and options"
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
                 )
-            restored: dict[str, Any] = {}
-            for key, value in saved.items():
-                if not isinstance(value, Tensor) or key not in expected:
-                    restored[key] = value
-                    continue
-                shape, dtype = expected[key]
-                if tuple(value.shape) != tuple(shape):
+        groups = [_translate_group(g, mine) for g, mine in zip(saved_groups, self.param_groups)]
+        saved_state = state_dict["state"]
+        saved_ids = [pid for g in saved_groups for pid in g["params"]]
+        check_state_ids(saved_ids, saved_state.keys())
+        owner = {
+            pid: (p, group, gi)
+            for gi, (saved, mine, group) in enumerate(zip(saved_groups, self.param_groups, groups))
+            for pid, p in zip(saved["params"], mine["params"])
+        }
+        restored = {}
+        for pid, saved in saved_state.items():
+            p, group, gi = owner[pid]
+            check_param(p, f"param_groups[{gi}]", group["factored"])
+            values = {key: check_loaded_state(pid, key, value) for key, value in saved.items()}
+            restored[p] = self._restore_state(pid, p, group, values)
+        # every check passed: load the groups through torch (its hooks already ran here), then
+        # the state, converted above
+        hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict({"state": {}, "param_groups": groups})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks[0]
+            self._optimizer_load_state_dict_post_hooks = hooks[1]
+        for p, st in restored.items():
+            self.state[p] = st
+        self._group_snapshots = []
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _restore_state(
+        self, pid: Any, p: Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One parameter's saved state, checked against ``group``'s options and converted."""
+        expected = self._expected_state(p, group)
+        known = set(_STATE_KEYS) & set(saved)
+        if known != set(expected) and saved:
+            raise ValueError(
+                f"load_state_dict: the parameter with id {pid} (shape {tuple(p.shape)}) has "
+                f"state {sorted(known)}, but this optimizer expects {sorted(expected)} under "
+                f"its options (beta1={group['beta1']!r}, use_ema={group['use_ema']!r}, "
+                f"factor_dims={group['factor_dims']!r}). Load a state dict saved from the "
+                "same model, param groups and options"
+            )
+        restored: dict[str, Any] = {}
+        for key, value in saved.items():
+            if not isinstance(value, Tensor) or key not in expected:
+                restored[key] = value
+                continue
+            shape, dtype = expected[key]
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(
+                    f"load_state_dict: state[{key!r}] of the parameter with id {pid} has "
+                    f"shape {tuple(value.shape)}, but this optimizer expects {tuple(shape)} "
+                    f"for a parameter of shape {tuple(p.shape)} under its factoring options "
+                    f"(factor_dims={group['factor_dims']!r}, min_dim_size_to_factor="
+                    f"{group['min_dim_size_to_factor']}, factored={group['factored']}). "
+                    "Load a state dict saved from the same model, param groups and options"
+                )
+            device = torch.device("cpu") if key == "step" else p.device
+            if key != "step" and distributed.has_dtensor([p]):  # keep p's sharding
+                restored[key] = distributed.load_state_tensor(p, value, dtype)
+            else:
+                restored[key] = value.to(device=device, dtype=dtype, copy=True)
+        return restored
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state dict in ``torch.optim.Adafactor``'s format.
+
+        Group keys become torch's (``eps=(eps1, eps2)``, ``d``), state keeps torch's names
+        (``step``, ``row_var``, ``col_var``, ``variance``). torch continues the same numbers only
+        for options it has (``preset="torch"`` / :meth:`from_torch`); momentum and the EMA have
+        no place there, so they raise.
+        """
+        out = self.state_dict()
+        groups = []
+        for group in out["param_groups"]:
+            for option in ("beta1", "use_ema"):
+                if group[option]:
                     raise ValueError(
-                        f"load_state_dict: state[{key!r}] of the parameter with id {pid} has "
-                        f"shape {tuple(value.shape)}, but this optimizer expects {tuple(shape)} "
-                        f"for a parameter of shape {tuple(p.shape)} under its factoring options "
-                        f"(factor_dims={group['factor_dims']!r}, min_dim_size_to_factor="
-                        f"{group['min_dim_size_to_factor']}, factored={group['factored']}). "
-                        "Load a state dict saved from the same model, param groups and options"
+                        f"torch_state_dict: {option}={group[option]!r} keeps state that "
+                        "torch.optim.Adafactor does not have; export without it"
                     )
-                device = torch.device("cpu") if key == "step" else p.device
-                if key != "step" and distributed.has_dtensor([p]):  # keep p's sharding
-                    restored[key] = distributed.load_state_tensor(p, value, dtype)
-                else:
-                    restored[key] = value.to(device=device, dtype=dtype, copy=True)
-            self.state[p] = restored
+            d = group["clip_threshold"]
+            groups.append(
+                {
+                    "params": group["params"],
+                    "lr": group["lr"],
+                    "beta2_decay": group["beta2_decay"],
+                    "eps": (
+                        group["eps1"] if group["eps1_mode"] == "clamp" else None,
+                        group["eps2"],
+                    ),
+                    "d": math.inf if d is None else d,
+                    "weight_decay": group["weight_decay"],
+                    "foreach": None,
+                    "maximize": group["maximize"],
+                    "differentiable": False,
+                }
+            )
+        state = {
+            pid: {
+                k: v.float() if k == "step" else v
+                for k, v in st.items()
+                if k in ("step", "row_var", "col_var", "variance")
+            }
+            for pid, st in out["state"].items()
+        }
+        return {"state": state, "param_groups": groups}
 
 
 def _translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:

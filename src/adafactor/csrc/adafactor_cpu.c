@@ -79,8 +79,11 @@ typedef struct {
     int scale_param, wd_mode, use_carried;
     double alpha_out, update_rms; /* alpha_t and RMS(U) of the step, as the reference's floats */
     double *segbuf;    /* 2 * segments + 1 doubles for the passes' partial sums, or NULL (malloc) */
-    int err;           /* set when an allocation failed: nothing was written to x or the state */
+    int err;           /* ERR_*: nothing was written to x or the state */
 } Args;
+
+/* Args.err: an allocation failed; a finite gradient overflowed float32 in pass 1 (af_step) */
+enum { ERR_ALLOC = 1, ERR_OVERFLOW = 2 };
 
 AI float bf2f(uint16_t h) {
     uint32_t b = (uint32_t)h << 16;
@@ -826,11 +829,29 @@ EXPORT void af_apply(Args *a) {
         if (a->wd_mode == WD_LR) f1 = 1 - a->lr * a->wd;
         else if (a->wd_mode == WD_LR_BEFORE) f2 = a->lr * a->wd;
         else if (a->wd_mode == WD_ALPHA) f2 = a->alpha_out * a->wd;
-        else f2 = a->wd;
+        else if (a->lr != 0) f2 = a->wd; /* an lr of 0 changes nothing, in every form */
     }
     a->f1 = (float)f1;
     a->f2 = (float)f2;
     elem_run(a, 3);
+}
+
+/* A finite gradient whose squares overflow float32 (|g| > 1.8e19, or sums beyond 3.4e38): pass 1
+ * wrote only its own buffers, so the caller can step this tensor in float64 instead (the
+ * reference's wide path) and nothing here is half done. A non-finite gradient is not an overflow:
+ * it propagates as in every reference. */
+static int overflowed(const Args *a) {
+    int bad = !isfinite(a->out[0]);
+    const int factored = a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP;
+    if (!bad && factored) {
+        const i64 ncol = a->numel / a->R;
+        for (i64 k = 0; k < ncol && !bad; k++) bad = !isfinite(a->col[k]);
+    }
+    if (!bad) return 0;
+    const int bf = a->dt;
+    for (i64 i = 0; i < a->numel; i++)
+        if (!isfinite(ldf(a->g, i, bf))) return 0;
+    return 1;
 }
 
 /* All of one unsharded tensor's step: pass 1, the scalars, R and C, pass 2, pass 3. The partial
@@ -846,6 +867,7 @@ EXPORT void af_step(Args *a) {
         return;
     }
     af_stats(a);
+    if (!a->err && overflowed(a)) a->err = ERR_OVERFLOW;
     if (!a->err) {
         af_finish(a);
         if (factored) af_factor_scales(a);
@@ -865,7 +887,8 @@ EXPORT void af_step(Args *a) {
  * its statistics out); per group, the options in GROUP_D / GROUP_I. Layouts: _fused_cpu.py. */
 enum { TI_G, TI_X, TI_M, TI_V, TI_NOISE, TI_RSTATE, TI_CSTATE, TI_STEP, TI_NUMEL, TI_R, TI_B, TI_C, TI_D,
        TI_ROWS, TI_COLS, TI_FLAGS, TABLE_I };
-enum { TD_LR, TD_RHO, TD_W2, TD_EPS1, TD_CARRIED, TD_ALPHA, TD_RMS, TD_NEW_SQ, TD_OLD_SQ, TABLE_D };
+enum { TD_LR, TD_RHO, TD_W2, TD_EPS1, TD_CARRIED, TD_ALPHA, TD_RMS, TD_NEW_SQ, TD_OLD_SQ,
+       TD_STATUS, TABLE_D };
 enum { GD_SIGN, GD_CLIPV, GD_W1, GD_EPS2, GD_WD, GD_CLIPNORM, GD_CLIP_D, GD_GSCALE, GROUP_D };
 enum { GI_WD_MODE, GI_MOM, GI_SCALE_PARAM, GI_CLAMP, GI_NT, GI_PAR_MIN, GROUP_I };
 /* TI_FLAGS bits */
@@ -921,6 +944,8 @@ static int group_tensor(const i64 *ti, double *td, const double *gd, const i64 *
     }
     af_step(&a);
     free(work);
+    td[TD_STATUS] = a.err;
+    if (a.err == ERR_OVERFLOW) return 0; /* untouched; the caller steps it in float64 */
     if (a.err) return 1;
     td[TD_ALPHA] = a.alpha_out;
     td[TD_RMS] = a.update_rms;
