@@ -211,3 +211,16 @@ def test_kernel_layout_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(fused.FusedUnavailableError, match="layout"):
         fused._bind(lib)
     assert ctypes.sizeof(fused._Args) == lib.af_layout(0)
+
+
+def test_a_mode_the_kernel_lacks_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new enum member without a kernel branch fails when the library loads, not mid-step."""
+    import enum
+
+    from adafactor import _plan
+
+    lib = fused.load()
+    extended = enum.IntEnum("Momentum", {**{m.name: int(m) for m in _plan.Momentum}, "NEW": 4})
+    monkeypatch.setattr(fused, "Momentum", extended)
+    with pytest.raises(fused.FusedUnavailableError, match=r"does not implement Momentum \['NEW'\]"):
+        fused._bind(lib)

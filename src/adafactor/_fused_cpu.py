@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._build import BuildError, build_library
-from ._plan import Eps1Mode, GroupPlan, Momentum, StepScalars, c_defines
+from ._plan import Eps1Mode, GroupPlan, Momentum, StepScalars, WeightDecay, c_defines
 from .factoring import FactorDims
 
 __all__ = [
@@ -181,6 +181,15 @@ def _bind(lib: ctypes.CDLL) -> None:
             f"the Python mirror's {expected}: a stale or foreign library in the kernel cache; "
             "delete $ADAFACTOR_CACHE_DIR (default ~/.cache/adafactor)"
         )
+    lib.af_supported.argtypes = [ctypes.c_int]
+    lib.af_supported.restype = ctypes.c_int64
+    for which, enum in enumerate((Momentum, WeightDecay)):
+        missing = [m.name for m in enum if not lib.af_supported(which) >> int(m) & 1]
+        if missing:
+            raise FusedUnavailableError(
+                f"the C kernel does not implement {enum.__name__} {missing}: add it to "
+                "csrc/adafactor_cpu.c (or use impl='reference')"
+            )
     i64p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
     lib.af_group_step.argtypes = [ctypes.c_int, i64p, f64p, f64p, i64p]
     lib.af_group_step.restype = ctypes.c_int

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -12,15 +10,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _reference as ref
+from . import checkpoint, distributed
 from . import constructors as _ctors
-from . import distributed
 from ._validation import (
     check_group,
     check_group_cached,
     check_instance_options,
-    check_loaded_state,
     check_param,
-    check_state_ids,
 )
 from .factoring import factor_dims
 from .functional import _dims_of, adafactor
@@ -88,9 +84,6 @@ _INSTANCE_DEFAULTS: dict[str, Any] = {
     "carry_param_rms": True,
     "generator": None,
 }
-
-# Every tensor key this optimizer may keep per parameter (torch.optim.Adafactor's names first).
-_STATE_KEYS = ("step", "row_var", "col_var", "variance", "exp_avg", "ema")
 
 
 class StepStats(NamedTuple):
@@ -306,7 +299,7 @@ class Adafactor(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _migrate_group(group)
+        checkpoint.migrate_group(group)
         check_group(group)
         if getattr(self, "global_clipnorm", None) is not None:
             check_instance_options(
@@ -336,7 +329,7 @@ class Adafactor(Optimizer):
         for group in self.param_groups:  # checkpoints from older versions lack newer options
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
-            _migrate_group(group)
+            checkpoint.migrate_group(group)
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return group["state_dtype"] or ref.compute_dtype(p.dtype)
@@ -369,7 +362,7 @@ class Adafactor(Optimizer):
         drop those it no longer needs (options changed after the first step)."""
         state = self.state[p]
         expected = self._expected_state(p, group)
-        for key in [k for k in state if k in _STATE_KEYS and k not in expected]:
+        for key in [k for k in state if k in checkpoint.STATE_KEYS and k not in expected]:
             del state[key]
         for key, (shape, dtype) in expected.items():
             if key in state:
@@ -499,175 +492,14 @@ class Adafactor(Optimizer):
     # state_dict
     # -----------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class or of ``torch.optim.Adafactor``.
-
-        Everything is checked before anything changes: the groups' options, the parameter ids,
-        every state value (a finite, non-negative ``step``, which may be a plain number as in
-        older torch checkpoints; finite state, non-negative second moments) and each state
-        tensor's shape under this optimizer's factoring options; on an error the optimizer is
-        left as it was. State keeps its own dtype (float32 statistics stay float32 for bf16
-        parameters), so resuming is bit-exact. Load-state-dict pre-hooks run first and may
-        replace the dict, post-hooks run last, as in torch.
-        """
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for saved, mine in zip(saved_groups, self.param_groups):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(
-                    "loaded state dict contains a parameter group that doesn't match the size "
-                    "of optimizer's group"
-                )
-        groups = [_translate_group(g, mine) for g, mine in zip(saved_groups, self.param_groups)]
-        saved_state = state_dict["state"]
-        saved_ids = [pid for g in saved_groups for pid in g["params"]]
-        check_state_ids(saved_ids, saved_state.keys())
-        owner = {
-            pid: (p, group, gi)
-            for gi, (saved, mine, group) in enumerate(zip(saved_groups, self.param_groups, groups))
-            for pid, p in zip(saved["params"], mine["params"])
-        }
-        restored = {}
-        for pid, saved in saved_state.items():
-            p, group, gi = owner[pid]
-            check_param(p, f"param_groups[{gi}]", group["factored"])
-            values = {key: check_loaded_state(pid, key, value) for key, value in saved.items()}
-            restored[p] = self._restore_state(pid, p, group, values)
-        # every check passed: load the groups through torch (its hooks already ran here), then
-        # the state, converted above
-        hooks = (
-            self._optimizer_load_state_dict_pre_hooks,
-            self._optimizer_load_state_dict_post_hooks,
-        )
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        try:
-            super().load_state_dict({"state": {}, "param_groups": groups})
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks[0]
-            self._optimizer_load_state_dict_post_hooks = hooks[1]
-        for p, st in restored.items():
-            self.state[p] = st
-        self._group_snapshots = []
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _restore_state(
-        self, pid: Any, p: Tensor, group: dict[str, Any], saved: dict[str, Any]
-    ) -> dict[str, Any]:
-        """One parameter's saved state, checked against ``group``'s options and converted."""
-        expected = self._expected_state(p, group)
-        known = set(_STATE_KEYS) & set(saved)
-        if known != set(expected) and saved:
-            raise ValueError(
-                f"load_state_dict: the parameter with id {pid} (shape {tuple(p.shape)}) has "
-                f"state {sorted(known)}, but this optimizer expects {sorted(expected)} under "
-                f"its options (beta1={group['beta1']!r}, use_ema={group['use_ema']!r}, "
-                f"factor_dims={group['factor_dims']!r}). Load a state dict saved from the "
-                "same model, param groups and options"
-            )
-        restored: dict[str, Any] = {}
-        for key, value in saved.items():
-            if not isinstance(value, Tensor) or key not in expected:
-                restored[key] = value
-                continue
-            shape, dtype = expected[key]
-            if tuple(value.shape) != tuple(shape):
-                raise ValueError(
-                    f"load_state_dict: state[{key!r}] of the parameter with id {pid} has "
-                    f"shape {tuple(value.shape)}, but this optimizer expects {tuple(shape)} "
-                    f"for a parameter of shape {tuple(p.shape)} under its factoring options "
-                    f"(factor_dims={group['factor_dims']!r}, min_dim_size_to_factor="
-                    f"{group['min_dim_size_to_factor']}, factored={group['factored']}). "
-                    "Load a state dict saved from the same model, param groups and options"
-                )
-            device = torch.device("cpu") if key == "step" else p.device
-            if key != "step" and distributed.has_dtensor([p]):  # keep p's sharding
-                restored[key] = distributed.load_state_tensor(p, value, dtype)
-            else:
-                restored[key] = value.to(device=device, dtype=dtype, copy=True)
-        return restored
+        """Load a state dict of this class or of ``torch.optim.Adafactor``, checking everything
+        before anything changes (:func:`adafactor.checkpoint.load_state_dict`)."""
+        checkpoint.load_state_dict(self, state_dict)
 
     def torch_state_dict(self) -> dict[str, Any]:
-        """This optimizer's state dict in ``torch.optim.Adafactor``'s format.
-
-        Group keys become torch's (``eps=(eps1, eps2)``, ``d``), state keeps torch's names
-        (``step``, ``row_var``, ``col_var``, ``variance``). torch continues the same numbers only
-        for options it has (``preset="torch"`` / :meth:`from_torch`); momentum and the EMA have
-        no place there, so they raise.
-        """
-        out = self.state_dict()
-        groups = []
-        for group in out["param_groups"]:
-            for option in ("beta1", "use_ema"):
-                if group[option]:
-                    raise ValueError(
-                        f"torch_state_dict: {option}={group[option]!r} keeps state that "
-                        "torch.optim.Adafactor does not have; export without it"
-                    )
-            d = group["clip_threshold"]
-            groups.append(
-                {
-                    "params": group["params"],
-                    "lr": group["lr"],
-                    "beta2_decay": group["beta2_decay"],
-                    "eps": (
-                        group["eps1"] if group["eps1_mode"] == "clamp" else None,
-                        group["eps2"],
-                    ),
-                    "d": math.inf if d is None else d,
-                    "weight_decay": group["weight_decay"],
-                    "foreach": None,
-                    "maximize": group["maximize"],
-                    "differentiable": False,
-                }
-            )
-        state = {
-            pid: {
-                k: v.float() if k == "step" else v
-                for k, v in st.items()
-                if k in ("step", "row_var", "col_var", "variance")
-            }
-            for pid, st in out["state"].items()
-        }
-        return {"state": state, "param_groups": groups}
-
-
-def _translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """Map a saved group (ours or torch.optim.Adafactor's) onto this optimizer's group keys."""
-    group = {k: v for k, v in current.items() if k != "params"}
-    saved = _migrate_group(dict(saved))
-    for key, value in saved.items():
-        if key in ("d", "eps", "foreach", "differentiable"):  # torch.optim.Adafactor's names
-            continue
-        group[key] = value
-    if "d" in saved:
-        group["clip_threshold"] = saved["d"]
-    if "eps" in saved:
-        eps1, eps2 = saved["eps"]
-        group["eps2"] = eps2
-        if group["eps1_mode"] == "clamp":
-            group["eps1"] = eps1
-    check_group(group)
-    return group
-
-
-def _migrate_group(group: dict[str, Any]) -> dict[str, Any]:
-    """Rename keys of checkpoints saved by older versions (in place; returns ``group``).
-
-    Before 0.2 the momentum semantics lived under ``"momentum"``, a key torch schedulers and loggers
-    read as a number."""
-    if isinstance(group.get("momentum"), str):
-        group.setdefault("momentum_kind", group.pop("momentum"))
-    # the skip counter is a tensor the step op increments (no host sync); it was an int
-    skipped = group.get("skipped_steps", 0)
-    if not isinstance(skipped, Tensor):
-        group["skipped_steps"] = torch.tensor(int(skipped), dtype=torch.int64)
-    return group
+        """This optimizer's state dict in ``torch.optim.Adafactor``'s format
+        (:func:`adafactor.checkpoint.torch_state_dict`)."""
+        return checkpoint.torch_state_dict(self)
 
 
 def _found_inf(grads: list[Tensor]) -> Tensor:

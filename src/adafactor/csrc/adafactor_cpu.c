@@ -980,6 +980,14 @@ EXPORT void af_advance_steps(int n, const i64 *ti, double *t_out) {
     }
 }
 
+/* The option values this kernel implements, as bit masks over the enums' values (which: 0 the
+ * momentum kinds, 1 the weight-decay forms): the Python side refuses to load a kernel that lacks
+ * one of its enum members, instead of running the default branch for it mid-training. */
+EXPORT i64 af_supported(int which) {
+    if (which == 0) return (1 << MOM_NONE) | (1 << MOM_GRAD) | (1 << MOM_NORM) | (1 << MOM_UPD);
+    return (1 << WD_LR) | (1 << WD_LR_BEFORE) | (1 << WD_ALPHA) | (1 << WD_UNSCALED);
+}
+
 /* The layout checks of the Python side: sizeof(Args) for the ctypes mirror, the table widths. */
 EXPORT i64 af_layout(int what) {
     switch (what) {
