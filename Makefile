@@ -18,7 +18,7 @@ $(VENV)/.installed-cli: pyproject.toml constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,triton]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,triton,integrations]'
 	touch $@
 
 demo: $(VENV)/.installed-cli

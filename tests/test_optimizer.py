@@ -480,3 +480,22 @@ def test_torch_format_export_refuses_state_torch_lacks():
     opt = Adafactor(params, beta1=0.9)
     with pytest.raises(ValueError, match=r"beta1=0\.9 keeps state that torch\.optim\.Adafactor"):
         opt.torch_state_dict()
+
+
+def test_checkpoints_with_the_old_momentum_key_are_migrated():
+    """Before momentum_kind, the semantics lived under "momentum", which torch clients read as a
+    number (OneCycleLR's cycle_momentum crashed with KeyError)."""
+    params = make_params(shapes={"w": (6, 4)})
+    opt = Adafactor(params, beta1=0.9, momentum_kind="normalized_update")
+    _run(params, opt, range(2))
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        group["momentum"] = group.pop("momentum_kind")
+        group["skipped_steps"] = 0  # an int before it became a tensor
+    fresh = Adafactor(params, beta1=0.9)
+    fresh.load_state_dict(old)
+    group = fresh.param_groups[0]
+    assert group["momentum_kind"] == "normalized_update" and "momentum" not in group
+    assert isinstance(group["skipped_steps"], torch.Tensor)
+    with pytest.raises(ValueError, match="momentum"):  # torch's own check: no momentum to cycle
+        torch.optim.lr_scheduler.OneCycleLR(fresh, max_lr=0.1, total_steps=10)
