@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint bench reproduce clean
+.PHONY: demo test lint bench reproduce clean gpu-check
 
 # Two stamps: the commands (demo, reproduce, bench) need only the [cli] extra (tqdm,
 # matplotlib); test and lint also get the test tools and triton (about 1 GB), which a CPU-only
@@ -39,6 +39,12 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q -n 2 -m "not distributed" tests
 	$(PY) -m pytest -q -m distributed tests/distributed
+
+# The GPU check (docs/gpu.md): parity, no-sync, CUDA-graph and determinism tests on the device and
+# the GPU benchmark against a measured bandwidth roofline; about 5 minutes, at most 8. Without a
+# CUDA device it says so and exits 0. Results in build/gpu-check (or $GPU_CHECK_OUT / $OUT).
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -71,7 +71,7 @@ class Eps1Mode(_Named):
 class Impl(_Named):
     """Which implementation runs the op (``Adafactor(impl=...)``)."""
 
-    AUTO = 0  # the fastest that has been checked on this device: the C kernel on CPU
+    AUTO = 0  # the fastest path checked on the device: the C kernel (CPU), foreach (CUDA)
     REFERENCE = 1  # the readable math everywhere
     FUSED = 2  # the C kernel on CPU (an error where it cannot build)
     TRITON = 3  # the Triton kernels (experimental, opt-in; CPU tensors under TRITON_INTERPRET=1)

@@ -11,8 +11,10 @@ Implementations, one per backend:
 
 * CPU: the fused C kernel (:mod:`adafactor._fused_cpu`), one call for the group, for the tensors
   it supports; the reference math for the rest, or for all with ``impl="reference"``;
-* every other device: the reference math (:mod:`adafactor._reference`); with ``impl="triton"``
-  (opt-in until checked on a GPU) the Triton kernels for the tensors they support;
+* CUDA: the multi-tensor ``torch._foreach`` implementation (:mod:`adafactor._foreach`), the
+  default until the Triton kernels have passed the GPU check (docs/gpu.md); with
+  ``impl="triton"`` (opt-in) the Triton kernels, one launch per pass per bucket of tensors;
+* every other device, and ``impl="reference"``: the reference math (:mod:`adafactor._reference`);
 * fake / meta: output shapes only.
 
 Every implementation checks its inputs before touching a pointer (:func:`check_inputs`).
@@ -394,29 +396,6 @@ def _run(
             rest,
         )
     return alphas, rmss
-
-
-def _triton_part(
-    tk: Any,
-    plan: GroupPlan,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    dims: list[FactorDims | None],
-    lr: Tensor,
-    index: list[int],
-    alphas: Tensor,
-    rmss: Tensor,
-) -> None:
-    lr_value = float(lr)
-    for i in index:
-        step = states[i]["step"]
-        step += 1
-        t = float(step)
-        sc = step_scalars(plan, t, lr_value)
-        alphas[i], rmss[i] = tk.tensor_step(params[i], grads[i], states[i], plan, sc, dims[i])
-        if plan.use_ema:
-            update_ema(params[i], states[i]["ema"], plan, t)
 
 
 _TABLES: dict[tuple[int, ...], _fused_cpu.GroupTables] = {}

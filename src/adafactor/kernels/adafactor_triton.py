@@ -1,24 +1,65 @@
-"""Triton kernels for one Adafactor tensor step (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
+"""Triton kernels for the Adafactor step of a param group (CUDA; CPU tensors under
+``TRITON_INTERPRET=1``).
 
-The same three passes as :mod:`adafactor._reference`, with no host synchronisation: the sums go
-to small device buffers through atomics, and every scalar that depends on them (alpha_t, the
-update-clipping factor) is computed inside the kernels that consume them. Step-dependent scalars
-(lr_t, beta2_t, rho_t) are ordinary runtime arguments, never ``tl.constexpr``, so a schedule never
-recompiles; constexprs are block sizes and modes only. Offsets are int64 (tensors > 2^31 elems).
+The same three passes as :mod:`adafactor._reference`, batched: the group's tensors are bucketed by
+kind (dtypes, factored or not, tile shape, whether the column dim is contiguous) and each bucket
+runs one launch per pass, whatever its number of tensors. A launch finds its tensors through
+tables: an int64 table of per-tensor data pointers, sizes and buffer offsets, and a table that
+maps each program to a (tensor, tile) pair. Per bucket:
 
-Supported here: factored tensors whose factored dims are the last two (viewed as [A, R, C]) and
-unfactored tensors; float32/bfloat16 parameters and momentum; eps1_mode 'add'; every momentum
-kind, weight-decay mode, maximize and clipvalue. Everything else (clipnorm, global_clipnorm,
-eps1 'clamp', stochastic rounding, other factor layouts) is left to the reference by
-:func:`supports`.
+.. code-block:: text
 
-Status: checked against the reference on CPU under the interpreter only; not yet timed on a GPU
-(and small tensors are not yet batched into shared launches).
+    stats    strips of row blocks: row sums of g^2 (a partial per column block), column sums
+             (a partial per strip), sums of g^2 and x^2 (a partial per program)
+    reduce1  per tensor: the partials in a fixed order -> clip factor, alpha_t
+    factors  per (tensor, slice, chunk): R, C <- lerp(R, C, mean g^2 + eps1, 1 - beta2_t);
+             partial sums of the new R for mean(R)                      (factored buckets only)
+    pass2    tiles: U = numerator / sqrt(V_hat) (V and the 'grad' momentum updated); sum U^2
+    reduce2  per tensor: RMS(U), the update-clipping divisor
+    apply    tiles: U again, clipping, momentum, weight decay, the write (stochastic rounding),
+             the EMA of the weights
+
+so a bucket is 6 launches (factored) or 5 (unfactored; 3 without ``scale_parameter`` and
+``clipnorm``), and a GPT-2 step (two buckets) is 11 launches.
+
+* **Deterministic.** No atomics: every sum is per program (``tl.sum``) into a buffer, then
+  added in a fixed order by the next kernel. Results are bitwise the same from run to run.
+* **No per-element integer division.** A program decodes its tile once (scalar div/mod on the
+  program's tile index); elements are addressed as ``base + row * row_stride + col``. A factored
+  tensor is viewed as ``[A, R, B, C, D]`` (R, C: its factored dims), so every layout is handled;
+  buckets with ``D == 1`` (the column dim innermost) compile with a unit column stride.
+* **Grids that fill the GPU.** Tiles of 2048 elements, shaped by the tensor: 16 x 128 by
+  default, 128 x 16 for tall narrow tensors (C <= 16), 4 x 512 for wide flat ones (R <= 4),
+  2048 x 1 and 1 x 2048 for a single column or row; unfactored tensors in flat chunks of 2048.
+* **NaN as in the reference.** ``tl.maximum``/``tl.minimum`` return the non-NaN operand on GPUs
+  (and under the interpreter): every clamp goes through :func:`_max_nan`/:func:`_min_nan`.
+* **Rounding as in the reference.** Kernels compile with ``enable_fp_fusion=False`` (no implicit
+  FMA; torch's separate kernels round each product), with IEEE ``sqrt_rn``/``div_rn``; torch's
+  ``lerp`` is one FMA on both CPU (vectorised) and CUDA, and so is :func:`_lerp`. Casts to bf16
+  round to nearest even explicitly (the interpreter truncates) and keep NaN.
+* **No host synchronisation.** Every data-dependent scalar (alpha_t, the clip factors, RMS(U))
+  lives in a per-tensor device buffer; per-step scalars (1 - beta2_t, rho_t, the weight-decay
+  factors) are a small per-tensor float table, made on the host from host step counters or on
+  the device from device step counters (capturable mode). ``found_inf`` masks every store.
+* **Device guard.** Launches run under ``torch.cuda.device`` of the tensors; a group spread over
+  devices is one batched step per device (:func:`run_part`).
+
+Supported: float32 and bfloat16 parameters (float16, bfloat16 or float32 gradients), float32
+statistics, float32/bfloat16 momentum and EMA, every option of the plan (clipnorm,
+global_clipnorm, eps1 'add'/'clamp', every momentum kind and weight-decay form, maximize,
+clipvalue, stochastic rounding with the given draws, the EMA with overwrites) and every factor
+layout. Not supported (the reference runs them): float16/float64 parameters, non-float32
+statistics, non-contiguous tensors, empty tensors.
+
+Status: checked against the reference on CPU under the interpreter only; not yet run on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,10 +67,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._plan import Eps1Mode, GroupPlan, Momentum, StepScalars, WeightDecay
+from .._plan import Eps1Mode, GroupPlan, Momentum, WeightDecay, step_scalars
 from ..factoring import FactorDims
 
-__all__ = ["supports", "tensor_step"]
+__all__ = ["KERNELS", "group_step", "run_part", "supports"]
 
 # The option values of adafactor._plan, as constexprs the kernels compare against.
 MOM_GRAD: tl.constexpr = tl.constexpr(int(Momentum.GRAD))
@@ -39,190 +80,595 @@ WD_LR: tl.constexpr = tl.constexpr(int(WeightDecay.LR))
 WD_LR_BEFORE: tl.constexpr = tl.constexpr(int(WeightDecay.LR_BEFORE))
 WD_ALPHA: tl.constexpr = tl.constexpr(int(WeightDecay.ALPHA))
 
+# Columns of the per-tensor int64 table (pointers, sizes, offsets into the bucket's buffers).
+M_P: tl.constexpr = tl.constexpr(0)  # parameter
+M_G: tl.constexpr = tl.constexpr(1)  # gradient
+M_S1: tl.constexpr = tl.constexpr(2)  # row_var (factored) or variance
+M_S2: tl.constexpr = tl.constexpr(3)  # col_var (factored)
+M_M: tl.constexpr = tl.constexpr(4)  # exp_avg
+M_E: tl.constexpr = tl.constexpr(5)  # ema
+M_N: tl.constexpr = tl.constexpr(6)  # stochastic-rounding draws (int32)
+M_NUMEL: tl.constexpr = tl.constexpr(7)
+M_A: tl.constexpr = tl.constexpr(8)  # [A, R, B, C, D]: the factored view
+M_R: tl.constexpr = tl.constexpr(9)
+M_B: tl.constexpr = tl.constexpr(10)
+M_C: tl.constexpr = tl.constexpr(11)
+M_D: tl.constexpr = tl.constexpr(12)
+M_NRB: tl.constexpr = tl.constexpr(13)  # row blocks (tiles along R)
+M_NCB: tl.constexpr = tl.constexpr(14)  # column blocks
+M_ROWPART: tl.constexpr = tl.constexpr(15)  # offset of the row-sum partials
+M_COLPART: tl.constexpr = tl.constexpr(16)  # offset of the column-sum partials
+M_PROG0: tl.constexpr = tl.constexpr(17)  # first program (tile) of the tensor in the grid
+M_NPROG: tl.constexpr = tl.constexpr(18)
+M_RMEAN: tl.constexpr = tl.constexpr(19)  # offset of the mean(R) partials
+M_NRC: tl.constexpr = tl.constexpr(20)  # row chunks of the factors kernel
+M_OUT: tl.constexpr = tl.constexpr(21)  # position in the op's outputs
+M_NROWS: tl.constexpr = tl.constexpr(22)  # elements of row_var (A R B D)
+M_NCOLS: tl.constexpr = tl.constexpr(23)  # elements of col_var (A B C D)
+M_LOOP: tl.constexpr = tl.constexpr(24)  # row blocks per program of _stats_2d (a strip)
+M_NSTRIP: tl.constexpr = tl.constexpr(25)  # strips along R: the column-sum partials per column
+M_SPROG0: tl.constexpr = tl.constexpr(26)  # first program of the tensor in the stats grid
+M_NSPROG: tl.constexpr = tl.constexpr(27)
+NM: tl.constexpr = tl.constexpr(28)
+_OUT_COL = 21 - 7  # M_OUT among the size and offset columns (from M_NUMEL on)
+MAX_STRIPS = 64  # column-sum partials per column at most: _factors adds them in one program
+# Columns of the per-tensor float32 table of per-step scalars.
+H_W2: tl.constexpr = tl.constexpr(0)  # 1 - beta2_t
+H_RHO: tl.constexpr = tl.constexpr(1)  # rho_t
+H_LRC: tl.constexpr = tl.constexpr(2)  # 1 - lr wd
+H_LRWD: tl.constexpr = tl.constexpr(3)  # lr wd
+H_WDB: tl.constexpr = tl.constexpr(4)  # |1 - lr wd| under 'lr_before' with wd, else 1
+H_WDU: tl.constexpr = tl.constexpr(5)  # wd (0 when lr is 0), 'unscaled'
+H_DUE: tl.constexpr = tl.constexpr(6)  # 1: the EMA overwrites the weights this step
+NH: tl.constexpr = tl.constexpr(8)
+# Columns of the per-tensor float32 results of the reduce kernels.
+S_GSCALE: tl.constexpr = tl.constexpr(0)  # gradient scale: clipnorm / global_clipnorm factor
+S_ALPHA: tl.constexpr = tl.constexpr(1)
+S_DIV: tl.constexpr = tl.constexpr(2)  # max(1, RMS(U) / d)
+S_RMS: tl.constexpr = tl.constexpr(3)
+NS: tl.constexpr = tl.constexpr(4)
+
+BLOCK_1D = 2048  # elements per program of an unfactored tensor
+# (rows, cols) of a program's tile, by the shape of the factored dims
+TILES = {
+    "square": (16, 128),
+    "tall": (128, 16),  # C <= 16
+    "column": (BLOCK_1D, 1),  # C == 1
+    "wide": (4, 512),  # R <= 4
+    "row": (1, BLOCK_1D),  # R == 1
+}
+FACTOR_BLOCK = 1024  # statistics per program of the factors kernel
+REDUCE_BLOCK = 512  # partials added per iteration of the reduce kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# element helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _max_nan(x, y):
+    """max(x, y) that keeps a NaN x, as torch.clamp (tl.maximum returns y)."""
+    return tl.where(x != x, x, tl.maximum(x, y))
+
+
+@triton.jit
+def _min_nan(x, y):
+    return tl.where(x != x, x, tl.minimum(x, y))
+
 
 @triton.jit
 def _lerp(a, b, w):
-    # torch's lerp: a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w)
-    return tl.where(tl.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+    """torch.lerp: a + w (b - a) for |w| < 0.5, else b - (b - a)(1 - w); one FMA, as torch's
+    CPU (vectorised) and CUDA kernels."""
+    small = tl.abs(w) < 0.5
+    return tl.fma(tl.where(small, w, w - 1.0), b - a, tl.where(small, a, b))
 
 
 @triton.jit
 def _cast(x, dtype: tl.constexpr):
-    """float32 -> dtype; bf16 rounds to nearest even explicitly (the interpreter truncates)."""
+    """float32 -> dtype. bf16: round to nearest even explicitly (the interpreter truncates) and
+    keep NaN a NaN (the rounding bias would turn some NaN payloads into inf)."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-    return x.to(dtype)
-
-
-@triton.jit
-def _adafactor_stats_kernel(
-    g_ptr, x_ptr, row_ptr, col_ptr, sums_ptr, R, C, sign, clipv,
-    FACTORED: tl.constexpr, WANT_X: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-):  # fmt: skip
-    """Pass 1: row sums (stored), col sums and sum g^2 / x^2 (atomically added). Tensor [A, R, C];
-    an unfactored tensor is passed as A=1, R=1, C=numel."""
-    pid = tl.program_id(0).to(tl.int64)
-    nrb = tl.cdiv(R, BR)
-    a = pid // nrb
-    rows = (pid % nrb) * BR + tl.arange(0, BR).to(tl.int64)
-    rmask = rows < R
-    row_acc = tl.zeros([BR], dtype=tl.float32)
-    xs = tl.zeros([BR], dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC).to(tl.int64)
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        offs = (a * R + rows)[:, None] * C + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
-        g = tl.minimum(tl.maximum(g, -clipv), clipv)
-        q = g * g
-        row_acc += tl.sum(q, axis=1)
-        if FACTORED:
-            tl.atomic_add(col_ptr + a * C + cols, tl.sum(q, axis=0), mask=cmask)
-        if WANT_X:
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xs += tl.sum(x * x, axis=1)
-    if FACTORED:
-        tl.store(row_ptr + a * R + rows, row_acc, mask=rmask)
-    tl.atomic_add(sums_ptr, tl.sum(row_acc, axis=0))
-    if WANT_X:
-        tl.atomic_add(sums_ptr + 1, tl.sum(xs, axis=0))
-
-
-@triton.jit
-def _adafactor_factors_kernel(
-    row_ptr, col_ptr, rstate_ptr, cstate_ptr, rmean_ptr, R, C, row_k, col_k, eps1, w2,
-    BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Between passes: R, C <- lerp(R, C, mean(g^2) + eps1, 1 - beta2_t) and mean(R); one program
-    per batch index a."""
-    a = tl.program_id(0).to(tl.int64)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK):
-        r = r0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = r < R
-        new = _lerp(
-            tl.load(rstate_ptr + a * R + r, mask=m, other=0.0),
-            tl.load(row_ptr + a * R + r, mask=m, other=0.0) * row_k + eps1,
-            w2,
-        )
-        tl.store(rstate_ptr + a * R + r, new, mask=m)
-        total += tl.where(m, new, 0.0)
-    tl.store(rmean_ptr + a, tl.sum(total, axis=0) / R)
-    for c0 in range(0, C, BLOCK):
-        c = c0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = c < C
-        new = _lerp(
-            tl.load(cstate_ptr + a * C + c, mask=m, other=0.0),
-            tl.load(col_ptr + a * C + c, mask=m, other=0.0) * col_k + eps1,
-            w2,
-        )
-        tl.store(cstate_ptr + a * C + c, new, mask=m)
-
-
-@triton.jit
-def _elementwise_u(
-    g_ptr, m_ptr, v_ptr, rstate_ptr, cstate_ptr, rmean_ptr, offs, mask, R, C, sign, clipv, eps1,
-    w1, w2, FACTORED: tl.constexpr, MOM: tl.constexpr, UPDATE_STATE: tl.constexpr,
-):  # fmt: skip
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
-    g = tl.minimum(tl.maximum(g, -clipv), clipv)
-    num = g
-    if MOM == MOM_GRAD:  # momentum of the gradient, updated in pass 2, read in pass 3
-        m_old = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        if UPDATE_STATE:
-            m_new = _cast(
-                _lerp(m_old.to(tl.float32), _cast(g, m_old.dtype).to(tl.float32), w1), m_old.dtype
-            )
-            tl.store(m_ptr + offs, m_new, mask=mask)
-            num = m_new.to(tl.float32)
-        else:
-            num = m_old.to(tl.float32)
-    if FACTORED:
-        row = offs // C
-        col = (offs // (R * C)) * C + offs % C
-        r = tl.load(rstate_ptr + row, mask=mask, other=1.0)
-        rm = tl.load(rmean_ptr + offs // (R * C), mask=mask, other=1.0)
-        c = tl.load(cstate_ptr + col, mask=mask, other=1.0)
-        v_hat = r / rm * c
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        r = tl.where(x != x, 0x7FC00000, r)
+        return r.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
-        v = tl.load(v_ptr + offs, mask=mask, other=1.0)
-        if UPDATE_STATE:
-            v = _lerp(v, g * g + eps1, w2)
-            tl.store(v_ptr + offs, v, mask=mask)
-        v_hat = v
-    return num / tl.sqrt(v_hat)
+        return x.to(dtype)
 
 
 @triton.jit
-def _adafactor_update_sq_kernel(
-    g_ptr, m_ptr, v_ptr, rstate_ptr, cstate_ptr, rmean_ptr, sums_ptr, numel, R, C, sign, clipv,
-    eps1, w1, w2, FACTORED: tl.constexpr, MOM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Pass 2: U = num / sqrt(V_hat) (V and the 'grad' momentum updated here); sum U^2."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    u = _elementwise_u(
-        g_ptr, m_ptr, v_ptr, rstate_ptr, cstate_ptr, rmean_ptr, offs, mask, R, C, sign, clipv,
-        eps1, w1, w2, FACTORED, MOM, True,
-    )  # fmt: skip
-    tl.atomic_add(sums_ptr + 2, tl.sum(tl.where(mask, u * u, 0.0), axis=0))
+def _stochastic_round(x, noise):
+    """The reference's stochastic_round_to_bf16: add 16 random low bits, truncate."""
+    r = (x.to(tl.int32, bitcast=True) + noise) & -65536
+    return _cast(r.to(tl.float32, bitcast=True), tl.bfloat16)
 
 
 @triton.jit
-def _adafactor_apply_kernel(
-    g_ptr, x_ptr, m_ptr, v_ptr, rstate_ptr, cstate_ptr, rmean_ptr, sums_ptr, out_ptr, numel, R,
-    C, sign, clipv, eps1, w1, w2, rho, eps2, clip_d, lr, wd, wd_before,
-    FACTORED: tl.constexpr, MOM: tl.constexpr, SCALE_PARAM: tl.constexpr, CLIP: tl.constexpr,
-    HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, BLOCK: tl.constexpr,
+def _rsqrt(x):
+    """1 / sqrt(x) with IEEE sqrt and division (torch's rsqrt on CPU)."""
+    return tl.div_rn(1.0, tl.sqrt_rn(x))
+
+
+@triton.jit
+def _ptr(row, col: tl.constexpr, dtype: tl.constexpr):
+    return tl.load(row + col).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _grad(row, offs, mask, sign, clipv, G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr):
+    """The effective gradient: float32, sign (maximize), clipvalue."""
+    g = tl.load(_ptr(row, M_G, G_DT) + offs, mask=mask, other=0.0).to(tl.float32) * sign
+    if HAS_CLIPV:
+        g = _min_nan(_max_nan(g, -clipv), clipv)
+    return g
+
+
+@triton.jit
+def _keep(skip_ptr):
+    """False when found_inf is set: every store of the step is masked off."""
+    return tl.load(skip_ptr) == 0
+
+
+@triton.jit
+def _masked(mask, keep):
+    """mask and keep (``mask & keep`` of a block and a scalar fails under the interpreter)."""
+    return tl.where(keep, mask, False)
+
+
+@triton.jit
+def _tile(tiles, meta, pid, TR: tl.constexpr, TC: tl.constexpr, CONTIG_C: tl.constexpr):
+    """Program ``pid``'s tile: its tensor's table row, slice o = (a, b, d), rows and columns,
+    element offsets and the indices of its rows in row_var and its columns in col_var."""
+    slot = tl.load(tiles + 2 * pid)
+    j = tl.load(tiles + 2 * pid + 1)
+    row = meta + slot * NM
+    R = tl.load(row + M_R)
+    B = tl.load(row + M_B)
+    C = tl.load(row + M_C)
+    D = tl.load(row + M_D)
+    nrb = tl.load(row + M_NRB)
+    ncb = tl.load(row + M_NCB)
+    cb = j % ncb  # once per program, not per element
+    q = j // ncb
+    rb = q % nrb
+    o = q // nrb
+    d = o % D
+    a = o // D // B
+    b = o // D % B
+    rows = rb * TR + tl.arange(0, TR).to(tl.int64)
+    cols = cb * TC + tl.arange(0, TC).to(tl.int64)
+    rmask = rows < R
+    cmask = cols < C
+    row_stride = B * C * D
+    base = a * R * row_stride + b * C * D + d
+    if CONTIG_C:
+        offs = base + rows[:, None] * row_stride + cols[None, :]
+    else:
+        offs = base + rows[:, None] * row_stride + cols[None, :] * D
+    mask = rmask[:, None] & cmask[None, :]
+    ridx = (a * R + rows) * (B * D) + b * D + d
+    cidx = ((a * B + b) * C + cols) * D + d
+    return slot, row, o, rb, cb, rmask, cmask, mask, offs, ridx, cidx, R
+
+
+@triton.jit
+def _chunk(chunks, meta, pid, BLOCK: tl.constexpr):
+    slot = tl.load(chunks + 2 * pid)
+    j = tl.load(chunks + 2 * pid + 1)
+    row = meta + slot * NM
+    offs = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return slot, row, offs, offs < tl.load(row + M_NUMEL)
+
+
+@triton.jit
+def _row_mean(rmean_part, row, o, R):
+    """mean(R) of slice o: its chunk partials, added in order."""
+    off = tl.load(row + M_RMEAN)
+    nrc = tl.load(row + M_NRC)
+    acc = tl.load(rmean_part + off + o * nrc)
+    for k in range(1, nrc):
+        acc += tl.load(rmean_part + off + o * nrc + k)
+    return tl.div_rn(acc, R.to(tl.float32))
+
+
+@triton.jit
+def _sum_partials(
+    part, row, col: tl.constexpr, stride: tl.constexpr, FIRST: tl.constexpr, COUNT: tl.constexpr,
+    RB: tl.constexpr,
 ):  # fmt: skip
-    """Pass 3: alpha_t and the clip factor from the device sums, momentum, decay, write x."""
+    """Sum of a tensor's per-program partials (column ``col`` of rows of ``stride``; its
+    programs: table columns FIRST and COUNT), in a fixed order."""
+    p0 = tl.load(row + FIRST)
+    n = tl.load(row + COUNT)
+    acc = tl.zeros([RB], dtype=tl.float32)
+    for k0 in range(0, n, RB):
+        k = k0 + tl.arange(0, RB)
+        acc += tl.load(part + (p0 + k) * stride + col, mask=k < n, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _factored_u(
+    row, num, ridx, cidx, rmask, cmask, mean, eps1, eps1sq, S_DT: tl.constexpr,
+    CLAMP: tl.constexpr,
+):  # fmt: skip
+    """U = numerator / sqrt(V_hat), V_hat = R C / mean(R), for a tile."""
+    r = tl.load(_ptr(row, M_S1, S_DT) + ridx, mask=rmask, other=1.0).to(tl.float32)
+    c = tl.load(_ptr(row, M_S2, S_DT) + cidx, mask=cmask, other=1.0).to(tl.float32)
+    if CLAMP:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
+        v = tl.div_rn(r[:, None] * c[None, :], _max_nan(mean, eps1))
+        return num * _rsqrt(_max_nan(v, eps1sq))
+    else:  # the reference's per-row times per-column factor
+        inv_r = _rsqrt(tl.div_rn(r, mean))
+        inv_c = _rsqrt(c)
+        return num * inv_r[:, None] * inv_c[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: statistics
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _stats_2d(
+    sprogs, meta, tsum, row_part, col_part, sign, clipv,
+    G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, WANT_X: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, CONTIG_C: tl.constexpr,
+):  # fmt: skip
+    """A strip of M_LOOP row blocks of one column block: the row sums of g^2 of each row
+    (partials, one per column block), the strip's column sums (partials, one per strip), and its
+    sums of g^2 and x^2. Strips keep the column partials of tall tensors few (_factors adds them
+    in one program)."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    alpha = rho
+    slot = tl.load(sprogs + 2 * pid)
+    j = tl.load(sprogs + 2 * pid + 1)
+    row = meta + slot * NM
+    R = tl.load(row + M_R)
+    B = tl.load(row + M_B)
+    C = tl.load(row + M_C)
+    D = tl.load(row + M_D)
+    ncb = tl.load(row + M_NCB)
+    nstrip = tl.load(row + M_NSTRIP)
+    loop = tl.load(row + M_LOOP)
+    cb = j % ncb  # once per program, not per element
+    q = j // ncb
+    strip = q % nstrip
+    o = q // nstrip
+    d = o % D
+    a = o // D // B
+    b = o // D % B
+    cols = cb * TC + tl.arange(0, TC).to(tl.int64)
+    cmask = cols < C
+    row_stride = B * C * D
+    base = a * R * row_stride + b * C * D + d
+    if CONTIG_C:
+        col_offs = cols
+    else:
+        col_offs = cols * D
+    rp = row_part + tl.load(row + M_ROWPART) + cb * tl.load(row + M_NROWS)
+    col_acc = tl.zeros([TC], dtype=tl.float32)
+    g_acc = tl.zeros([TR], dtype=tl.float32)
+    x_acc = tl.zeros([TR], dtype=tl.float32)
+    for k in range(0, loop):
+        rows = (strip * loop + k) * TR + tl.arange(0, TR).to(tl.int64)
+        rmask = rows < R
+        mask = rmask[:, None] & cmask[None, :]
+        offs = base + rows[:, None] * row_stride + col_offs[None, :]
+        g = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV)
+        sq = g * g
+        row_sum = tl.sum(sq, axis=1)
+        tl.store(rp + (a * R + rows) * (B * D) + b * D + d, row_sum, mask=rmask)
+        col_acc += tl.sum(sq, axis=0)
+        g_acc += row_sum
+        if WANT_X:
+            x = tl.load(_ptr(row, M_P, P_DT) + offs, mask=mask, other=0.0).to(tl.float32)
+            x_acc += tl.sum(x * x, axis=1)
+    cp = col_part + tl.load(row + M_COLPART) + strip * tl.load(row + M_NCOLS)
+    tl.store(cp + ((a * B + b) * C + cols) * D + d, col_acc, mask=cmask)
+    tl.store(tsum + 2 * pid, tl.sum(g_acc, axis=0))
+    if WANT_X:
+        tl.store(tsum + 2 * pid + 1, tl.sum(x_acc, axis=0))
+
+
+@triton.jit
+def _stats_1d(
+    chunks, meta, tsum, sign, clipv,
+    G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, WANT_X: tl.constexpr,
+    WANT_G: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Sums of g^2 and x^2 of a chunk of an unfactored tensor."""
+    pid = tl.program_id(0).to(tl.int64)
+    _slot, row, offs, mask = _chunk(chunks, meta, pid, BLOCK)
+    if WANT_G:
+        g = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV)
+        tl.store(tsum + 2 * pid, tl.sum(g * g, axis=0))
+    if WANT_X:
+        x = tl.load(_ptr(row, M_P, P_DT) + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(tsum + 2 * pid + 1, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _reduce1(
+    meta, hyp, scal, tsum, gscale_ptr, skip_ptr, alpha_out, clipnorm, eps2,
+    HAS_GSCALE: tl.constexpr, CLIPNORM: tl.constexpr, SCALE_PARAM: tl.constexpr,
+    RB: tl.constexpr,
+):  # fmt: skip
+    """Per tensor: the gradient scale and alpha_t = max(eps2, RMS(x)) rho_t (or rho_t)."""
+    slot = tl.program_id(0).to(tl.int64)
+    row = meta + slot * NM
+    h = hyp + slot * NH
+    gscale = 1.0
+    if CLIPNORM:  # Keras' clip_by_norm: clipnorm / max(||g||, clipnorm)
+        gsq = _sum_partials(tsum, row, 0, 2, M_SPROG0, M_NSPROG, RB)
+        gscale = tl.div_rn(clipnorm, _max_nan(tl.sqrt_rn(gsq), clipnorm))
+    elif HAS_GSCALE:
+        gscale = tl.load(gscale_ptr).to(tl.float32)
+    alpha = tl.load(h + H_RHO)
     if SCALE_PARAM:
-        x_rms = tl.sqrt(tl.load(sums_ptr + 1) / numel) * wd_before
-        alpha = tl.maximum(x_rms, eps2) * rho
-    u_rms = tl.sqrt(tl.load(sums_ptr + 2) / numel)
-    u = _elementwise_u(
-        g_ptr, m_ptr, v_ptr, rstate_ptr, cstate_ptr, rmean_ptr, offs, mask, R, C, sign, clipv,
-        eps1, w1, w2, FACTORED, MOM, False,
-    )  # fmt: skip
+        xsq = _sum_partials(tsum, row, 1, 2, M_SPROG0, M_NSPROG, RB)
+        x_rms = tl.sqrt_rn(tl.div_rn(xsq, tl.load(row + M_NUMEL).to(tl.float32)))
+        alpha = _max_nan(x_rms * tl.load(h + H_WDB), eps2) * alpha
+    tl.store(scal + slot * NS + S_GSCALE, gscale)
+    tl.store(scal + slot * NS + S_ALPHA, alpha)
+    keep = _keep(skip_ptr)
+    tl.store(alpha_out + tl.load(row + M_OUT), tl.where(keep, alpha, 0.0))
+
+
+@triton.jit
+def _factors(
+    fprogs, meta, hyp, scal, row_part, col_part, rmean_part, skip_ptr, eps1,
+    ADD_EPS1: tl.constexpr, FB: tl.constexpr,
+):  # fmt: skip
+    """R (or C) of a chunk of slice o: the partial sums in order, * scale^2 / n (+ eps1), lerped
+    into the state; for R also the chunk's sum of the new R (for mean(R))."""
+    pid = tl.program_id(0).to(tl.int64)
+    slot = tl.load(fprogs + 4 * pid)
+    o = tl.load(fprogs + 4 * pid + 1)
+    chunk = tl.load(fprogs + 4 * pid + 2)
+    kind = tl.load(fprogs + 4 * pid + 3)
+    row = meta + slot * NM
+    R = tl.load(row + M_R)
+    B = tl.load(row + M_B)
+    C = tl.load(row + M_C)
+    D = tl.load(row + M_D)
+    d = o % D
+    a = o // D // B
+    b = o // D % B
+    gscale = tl.load(scal + slot * NS + S_GSCALE)
+    sq = gscale * gscale
+    w2 = tl.load(hyp + slot * NH + H_W2)
+    keep = _keep(skip_ptr)
+    k = chunk * FB + tl.arange(0, FB).to(tl.int64)
+    if kind == 0:
+        m = k < R
+        idx = (a * R + k) * (B * D) + b * D + d
+        base = row_part + tl.load(row + M_ROWPART)
+        stride = tl.load(row + M_NROWS)
+        nblocks = tl.load(row + M_NCB)
+        n = C
+        st_ptr = _ptr(row, M_S1, tl.float32)
+    else:
+        m = k < C
+        idx = ((a * B + b) * C + k) * D + d
+        base = col_part + tl.load(row + M_COLPART)
+        stride = tl.load(row + M_NCOLS)
+        nblocks = tl.load(row + M_NSTRIP)
+        n = R
+        st_ptr = _ptr(row, M_S2, tl.float32)
+    acc = tl.load(base + idx, mask=m, other=0.0)
+    for blk in range(1, nblocks):
+        acc += tl.load(base + blk * stride + idx, mask=m, other=0.0)
+    new = acc * tl.div_rn(sq, n.to(tl.float32))
+    if ADD_EPS1:
+        new = new + eps1
+    st = _lerp(tl.load(st_ptr + idx, mask=m, other=0.0), new, w2)
+    tl.store(st_ptr + idx, st, mask=_masked(m, keep))
+    if kind == 0:
+        nrc = tl.load(row + M_NRC)
+        part = rmean_part + tl.load(row + M_RMEAN) + o * nrc + chunk
+        tl.store(part, tl.sum(tl.where(m, st, 0.0), axis=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2: U and the sum of U^2
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _numerator(row, offs, mask, gs, w1, keep, M_DT: tl.constexpr, MOM: tl.constexpr,
+               UPDATE: tl.constexpr):  # fmt: skip
+    """The scaled gradient, or with momentum 'grad' its moving average (updated in pass 2)."""
+    if MOM == MOM_GRAD:
+        mp = _ptr(row, M_M, M_DT) + offs
+        m = tl.load(mp, mask=mask, other=0.0).to(tl.float32)
+        if UPDATE:
+            m = _cast(_lerp(m, _cast(gs, M_DT).to(tl.float32), w1), M_DT)
+            tl.store(mp, m, mask=_masked(mask, keep))
+            m = m.to(tl.float32)
+        return m
+    else:
+        return gs
+
+
+@triton.jit
+def _pass2_2d(
+    tiles, meta, hyp, scal, rmean_part, usum, skip_ptr, sign, clipv, eps1, eps1sq, w1,
+    G_DT: tl.constexpr, M_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, MOM: tl.constexpr,
+    CLAMP: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    CONTIG_C: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    slot, row, o, _rb, _cb, rmask, cmask, mask, offs, ridx, cidx, R = _tile(
+        tiles, meta, pid, TR, TC, CONTIG_C
+    )
+    keep = _keep(skip_ptr)
+    gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(scal + slot * NS)
+    num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, True)
+    mean = _row_mean(rmean_part, row, o, R)
+    u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, eps1, eps1sq, tl.float32, CLAMP)
+    tl.store(usum + pid, tl.sum(tl.sum(tl.where(mask, u * u, 0.0), axis=1), axis=0))
+
+
+@triton.jit
+def _unfactored_u(row, offs, mask, gs, num, w2, eps1, eps1sq, keep, CLAMP: tl.constexpr,
+                  UPDATE: tl.constexpr):  # fmt: skip
+    """V <- lerp(V, g^2 + eps1, 1 - beta2_t) (pass 2 only); U = numerator / sqrt(V_hat)."""
+    vp = _ptr(row, M_S1, tl.float32) + offs
+    v = tl.load(vp, mask=mask, other=1.0)
+    if UPDATE:
+        new = gs * gs
+        if not CLAMP:
+            new = new + eps1
+        v = _lerp(v, new, w2)
+        tl.store(vp, v, mask=_masked(mask, keep))
+    if CLAMP:
+        v = _max_nan(v, eps1sq)
+    return num * _rsqrt(v)
+
+
+@triton.jit
+def _pass2_1d(
+    chunks, meta, hyp, scal, usum, skip_ptr, sign, clipv, eps1, eps1sq, w1,
+    G_DT: tl.constexpr, M_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, MOM: tl.constexpr,
+    CLAMP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    slot, row, offs, mask = _chunk(chunks, meta, pid, BLOCK)
+    keep = _keep(skip_ptr)
+    gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(scal + slot * NS)
+    num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, True)
+    w2 = tl.load(hyp + slot * NH + H_W2)
+    u = _unfactored_u(row, offs, mask, gs, num, w2, eps1, eps1sq, keep, CLAMP, True)
+    tl.store(usum + pid, tl.sum(tl.where(mask, u * u, 0.0), axis=0))
+
+
+@triton.jit
+def _reduce2(
+    meta, scal, usum, skip_ptr, rms_out, clip_d, CLIP: tl.constexpr, RB: tl.constexpr,
+):  # fmt: skip
+    """Per tensor: RMS(U) and the update-clipping divisor max(1, RMS(U) / d)."""
+    slot = tl.program_id(0).to(tl.int64)
+    row = meta + slot * NM
+    usq = _sum_partials(usum, row, 0, 1, M_PROG0, M_NPROG, RB)
+    rms = tl.sqrt_rn(tl.div_rn(usq, tl.load(row + M_NUMEL).to(tl.float32)))
+    div = 1.0
     if CLIP:
-        u = u / tl.maximum(u_rms / clip_d, 1.0)
-    if MOM == MOM_NORMALIZED_UPDATE:  # momentum of the clipped update, before the step size
-        m_old = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        m_new = _cast(
-            _lerp(m_old.to(tl.float32), _cast(u, m_old.dtype).to(tl.float32), w1), m_old.dtype
-        )
-        tl.store(m_ptr + offs, m_new, mask=mask)
-        u = m_new.to(tl.float32)
+        div = _max_nan(tl.div_rn(rms, clip_d), 1.0)
+    tl.store(scal + slot * NS + S_DIV, div)
+    tl.store(scal + slot * NS + S_RMS, rms)
+    keep = _keep(skip_ptr)
+    tl.store(rms_out + tl.load(row + M_OUT), tl.where(keep, rms, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 3: clip, momentum, weight decay, write, EMA
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _apply(
+    row, h, s, offs, mask, u, w1, wd, ema_m, ema_1m, keep,
+    P_DT: tl.constexpr, M_DT: tl.constexpr, E_DT: tl.constexpr, MOM: tl.constexpr,
+    CLIP: tl.constexpr, HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, SR: tl.constexpr,
+    EMA: tl.constexpr,
+):  # fmt: skip
+    if CLIP:
+        u = tl.div_rn(u, tl.load(s + S_DIV))
+    alpha = tl.load(s + S_ALPHA)
+    if MOM == MOM_NORMALIZED_UPDATE:  # big_vision: momentum of U_hat, before alpha
+        mp = _ptr(row, M_M, M_DT) + offs
+        m = _cast(_lerp(tl.load(mp, mask=mask, other=0.0).to(tl.float32),
+                        _cast(u, M_DT).to(tl.float32), w1), M_DT)  # fmt: skip
+        tl.store(mp, m, mask=_masked(mask, keep))
+        u = m.to(tl.float32)
     u = u * alpha
-    if MOM == MOM_UPDATE:  # momentum of the applied update
-        m_old = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        m_new = _cast(
-            _lerp(m_old.to(tl.float32), _cast(u, m_old.dtype).to(tl.float32), w1), m_old.dtype
-        )
-        tl.store(m_ptr + offs, m_new, mask=mask)
-        u = m_new.to(tl.float32)
-    x_old = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    x = x_old.to(tl.float32)
+    if MOM == MOM_UPDATE:  # T2T / transformers / optax: momentum of alpha U_hat
+        mp = _ptr(row, M_M, M_DT) + offs
+        m = _cast(_lerp(tl.load(mp, mask=mask, other=0.0).to(tl.float32),
+                        _cast(u, M_DT).to(tl.float32), w1), M_DT)  # fmt: skip
+        tl.store(mp, m, mask=_masked(mask, keep))
+        u = m.to(tl.float32)
+    pp = _ptr(row, M_P, P_DT) + offs
+    x = tl.load(pp, mask=mask, other=0.0).to(tl.float32)
     if HAS_WD:
         if WD_MODE == WD_LR:
-            x = x * (1 - lr * wd)
+            x = x * tl.load(h + H_LRC)
         elif WD_MODE == WD_LR_BEFORE:
-            x = x - x * (lr * wd)
+            x = x - x * tl.load(h + H_LRWD)
         elif WD_MODE == WD_ALPHA:
             x = x - x * (alpha * wd)
         else:
-            x = x - x * wd
-    tl.store(x_ptr + offs, _cast(x - u, x_old.dtype), mask=mask)
-    if pid == 0:  # diagnostics for StepStats, still on the device
-        tl.store(out_ptr, alpha)
-        tl.store(out_ptr + 1, u_rms)
+            x = x - x * tl.load(h + H_WDU)
+    x = x - u
+    if SR:
+        xs = _stochastic_round(x, tl.load(_ptr(row, M_N, tl.int32) + offs, mask=mask, other=0))
+    else:
+        xs = _cast(x, P_DT)
+    tl.store(pp, xs, mask=_masked(mask, keep))
+    if EMA:  # tf_keras: ema * m + x * (1 - m) (each product rounded in the EMA's dtype), but
+        # exactly the EMA where x equals it (the reference's torch.where)
+        ep = _ptr(row, M_E, E_DT) + offs
+        e = tl.load(ep, mask=mask, other=0.0).to(tl.float32)
+        xe = _cast(xs.to(tl.float32), E_DT).to(tl.float32)
+        avg = _cast(e * ema_m, E_DT).to(tl.float32) + _cast(xe * ema_1m, E_DT).to(tl.float32)
+        e = _cast(tl.where(xe == e, e, avg), E_DT)
+        tl.store(ep, e, mask=_masked(mask, keep))
+        if tl.load(h + H_DUE) != 0:  # every ema_overwrite_frequency steps: x <- ema
+            tl.store(pp, _cast(e.to(tl.float32), P_DT), mask=_masked(mask, keep))
+
+
+@triton.jit
+def _apply_2d(
+    tiles, meta, hyp, scal, rmean_part, skip_ptr, sign, clipv, eps1, eps1sq, w1, wd, ema_m,
+    ema_1m,
+    G_DT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr, E_DT: tl.constexpr,
+    HAS_CLIPV: tl.constexpr, MOM: tl.constexpr, CLAMP: tl.constexpr, CLIP: tl.constexpr,
+    HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, SR: tl.constexpr, EMA: tl.constexpr,
+    TR: tl.constexpr, TC: tl.constexpr, CONTIG_C: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    slot, row, o, _rb, _cb, rmask, cmask, mask, offs, ridx, cidx, R = _tile(
+        tiles, meta, pid, TR, TC, CONTIG_C
+    )
+    keep = _keep(skip_ptr)
+    s = scal + slot * NS
+    gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(s + S_GSCALE)
+    num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, False)
+    mean = _row_mean(rmean_part, row, o, R)
+    u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, eps1, eps1sq, tl.float32, CLAMP)
+    _apply(
+        row, hyp + slot * NH, s, offs, mask, u, w1, wd, ema_m, ema_1m, keep,
+        P_DT, M_DT, E_DT, MOM, CLIP, HAS_WD, WD_MODE, SR, EMA,
+    )  # fmt: skip
+
+
+@triton.jit
+def _apply_1d(
+    chunks, meta, hyp, scal, skip_ptr, sign, clipv, eps1, eps1sq, w1, wd, ema_m, ema_1m,
+    G_DT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr, E_DT: tl.constexpr,
+    HAS_CLIPV: tl.constexpr, MOM: tl.constexpr, CLAMP: tl.constexpr, CLIP: tl.constexpr,
+    HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, SR: tl.constexpr, EMA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    slot, row, offs, mask = _chunk(chunks, meta, pid, BLOCK)
+    keep = _keep(skip_ptr)
+    s = scal + slot * NS
+    h = hyp + slot * NH
+    gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(s + S_GSCALE)
+    num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, False)
+    u = _unfactored_u(row, offs, mask, gs, num, 0.0, eps1, eps1sq, keep, CLAMP, False)
+    _apply(
+        row, h, s, offs, mask, u, w1, wd, ema_m, ema_1m, keep,
+        P_DT, M_DT, E_DT, MOM, CLIP, HAS_WD, WD_MODE, SR, EMA,
+    )  # fmt: skip
+
+
+KERNELS = (
+    _stats_2d, _stats_1d, _reduce1, _factors, _pass2_2d, _pass2_1d, _reduce2, _apply_2d,
+    _apply_1d,
+)  # fmt: skip
+"""Every kernel this module launches (a test wraps their ``run`` to count launches)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def supports(
@@ -231,76 +677,462 @@ def supports(
     """Whether these kernels handle the tensor under ``plan`` (else use the reference)."""
     if type(param) is not torch.Tensor and not isinstance(param, torch.nn.Parameter):
         return False
-    if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype != param.dtype:
+    if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype not in _TL_DTYPES:
         return False
     if not (param.is_contiguous() and grad.is_contiguous()) or param.numel() == 0:
         return False
-    if plan.eps1_mode != Eps1Mode.ADD or plan.clipnorm is not None:
-        return False
-    if plan.stochastic_rounding and param.dtype == torch.bfloat16:
-        return False
-    if dims is not None and dims != (param.dim() - 2, param.dim() - 1):
-        return False
-    keys = ("row_var", "col_var", "variance")
-    return all(state[k].dtype == torch.float32 for k in keys if k in state)
+    for key in ("row_var", "col_var", "variance"):
+        if key in state and (state[key].dtype != torch.float32 or not state[key].is_contiguous()):
+            return False
+    for key in ("exp_avg", "ema"):
+        t = state.get(key)
+        if t is not None and (t.dtype not in (torch.float32, torch.bfloat16) or
+                              not t.is_contiguous()):  # fmt: skip
+            return False
+    return True
 
 
-def tensor_step(
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Any],
-    plan: GroupPlan,
-    scalars: StepScalars,
-    dims: FactorDims | None,
-) -> tuple[Tensor, Tensor]:
-    """All passes on one tensor (step counter already advanced); returns (alpha_t, RMS(U)) as
-    0-d device tensors (no sync). ``scalars`` are host floats."""
-    lr_f, rho, w2 = float(scalars.lr), float(scalars.rho), 1.0 - float(scalars.beta2)
-    shape, numel, dev = tuple(param.shape), param.numel(), param.device
-    factored = dims is not None
-    a_dim = math.prod(shape[:-2]) if factored else 1
-    r_dim, c_dim = (shape[-2], shape[-1]) if factored else (1, numel)
-    sums = torch.zeros(3, dtype=torch.float32, device=dev)
-    out = torch.empty(2, dtype=torch.float32, device=dev)
-    if factored:
-        row = torch.empty(a_dim * r_dim, dtype=torch.float32, device=dev)
-        col = torch.zeros(a_dim * c_dim, dtype=torch.float32, device=dev)
-        rmean = torch.empty(a_dim, dtype=torch.float32, device=dev)
-        rstate, cstate, v = state["row_var"], state["col_var"], sums
-    else:
-        row = col = rmean = rstate = cstate = sums  # unused pointers
-        v = state["variance"]
-    mom = int(plan.momentum)
-    m = state["exp_avg"] if mom else sums
-    w1 = 1.0 - plan.beta1 if plan.beta1 is not None and mom else 0.0
-    sign = -1.0 if plan.maximize else 1.0
-    clipv = math.inf if plan.clipvalue is None else float(plan.clipvalue)
-    eps1 = float(plan.eps1 if plan.eps1 is not None else torch.finfo(param.dtype).eps)
-    br, bc = 16, 64
-    grid1 = (a_dim * triton.cdiv(r_dim, br),)
-    _adafactor_stats_kernel[grid1](
-        grad, param, row, col, sums, r_dim, c_dim, sign, clipv,
-        FACTORED=factored, WANT_X=plan.scale_parameter, BR=br, BC=bc,
-    )  # fmt: skip
-    if factored:
-        _adafactor_factors_kernel[(a_dim,)](
-            row, col, rstate, cstate, rmean, r_dim, c_dim, 1.0 / c_dim, 1.0 / r_dim, eps1, w2,
-            BLOCK=256,
-        )  # fmt: skip
-    block = 1024
-    grid = (triton.cdiv(numel, block),)
-    _adafactor_update_sq_kernel[grid](
-        grad, m, v, rstate, cstate, rmean, sums, numel, r_dim, c_dim, sign, clipv, eps1, w1, w2,
-        FACTORED=factored, MOM=mom, BLOCK=block,
-    )  # fmt: skip
+def _view(shape: tuple[int, ...], dims: FactorDims | None) -> tuple[int, int, int, int, int]:
+    """[A, R, B, C, D] of a tensor: R, C its factored dims (unfactored: [1, 1, 1, numel, 1])."""
+    if dims is None:
+        return 1, 1, 1, math.prod(shape), 1
+    r, c = dims
+    return (
+        math.prod(shape[:r]),
+        shape[r],
+        math.prod(shape[r + 1 : c]),
+        shape[c],
+        math.prod(shape[c + 1 :]),
+    )
+
+
+def _tile_kind(view: tuple[int, int, int, int, int]) -> str:
+    """The tile shape that wastes the fewest lanes on R x C (every shape is correct)."""
+    _, r, _, c, _ = view
+    if c == 1 and r > 16:
+        return "column"
+    if r == 1 and c > 16:
+        return "row"
+    if c <= 16 and r > 16:
+        return "tall"
+    if r <= 4 and c > 16:
+        return "wide"
+    return "square"
+
+
+@dataclass
+class _Layout:
+    """The static part of a bucket (shapes only): program tables and buffer sizes, cached."""
+
+    static: list[list[int]]  # per tensor: the size and offset columns of the table
+    programs: Tensor  # int64 [n_programs, 2]: (slot, tile or chunk) of the element passes
+    stats_programs: Tensor  # int64 [n, 2]: (slot, strip and column block) of _stats_2d
+    fprogs: Tensor | None  # int64 [n, 4]: (slot, slice, chunk, 0 rows / 1 columns)
+    n_programs: int
+    n_stats_programs: int
+    row_part: int
+    col_part: int
+    rmean_part: int
+
+
+_LAYOUTS: dict[Any, _Layout] = {}
+
+
+def _pairs(slot: int, n: int) -> Tensor:
+    return torch.stack([torch.full((n,), slot, dtype=torch.int64), torch.arange(n)], dim=1)
+
+
+def _layout(
+    key: Any, views: list[tuple[int, int, int, int, int]], kind: str | None, device: torch.device
+) -> _Layout:
+    cached = _LAYOUTS.get(key)
+    if cached is not None:
+        return cached
+    static: list[list[int]] = []
+    programs: list[Tensor] = []
+    stats_programs: list[Tensor] = []
+    fprogs: list[int] = []
+    row_part = col_part = rmean_part = 0
+    n_prog = n_sprog = 0
+    tr, tc = TILES[kind] if kind is not None else (1, BLOCK_1D)
+    for slot, (a, r, b, c, d) in enumerate(views):
+        numel = a * r * b * c * d
+        nrb, ncb = -(-r // tr), -(-c // tc)
+        loop = -(-nrb // MAX_STRIPS)  # row blocks per stats program
+        nstrip = -(-nrb // loop)
+        slices = a * b * d
+        nprog = slices * nrb * ncb
+        nsprog = slices * nstrip * ncb if kind is not None else nprog
+        programs.append(_pairs(slot, nprog))
+        if kind is not None:
+            stats_programs.append(_pairs(slot, nsprog))
+        nrows, ncols = a * r * b * d, a * b * c * d
+        nrc = -(-r // FACTOR_BLOCK)
+        ncc = -(-c // FACTOR_BLOCK)
+        cols = [numel, a, r, b, c, d, nrb, ncb, row_part, col_part, n_prog, nprog, rmean_part, nrc]
+        static.append([*cols, 0, nrows, ncols, loop, nstrip, n_sprog, nsprog])  # M_OUT: per call
+        n_prog += nprog
+        n_sprog += nsprog
+        if kind is not None:
+            row_part += ncb * nrows
+            col_part += nstrip * ncols
+            for o in range(slices):
+                fprogs += [x for k in range(nrc) for x in (slot, o, k, 0)]
+                fprogs += [x for k in range(ncc) for x in (slot, o, k, 1)]
+            rmean_part += slices * nrc
+    if len(_LAYOUTS) > 256:
+        _LAYOUTS.clear()
+    table = torch.cat(programs).to(device)
+    layout = _Layout(
+        static=static,
+        programs=table,
+        stats_programs=torch.cat(stats_programs).to(device) if stats_programs else table,
+        fprogs=torch.tensor(fprogs, dtype=torch.int64).to(device) if kind is not None else None,
+        n_programs=n_prog,
+        n_stats_programs=n_sprog,
+        row_part=row_part,
+        col_part=col_part,
+        rmean_part=rmean_part,
+    )
+    _LAYOUTS[key] = layout
+    return layout
+
+
+_META: dict[Any, Tensor] = {}
+
+
+def _meta(table: list[list[int]], device: torch.device) -> Tensor:
+    """The bucket's int64 table on the device; the same pointers as a recent step reuse their
+    copy (no transfer: what a CUDA graph replays)."""
+    key = (device, tuple(tuple(row) for row in table))
+    meta = _META.get(key)
+    if meta is None:
+        if len(_META) > 64:  # tables of gradients that were reallocated
+            _META.clear()
+        meta = _META[key] = _to_device(torch.tensor(table, dtype=torch.int64), device)
+    return meta
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    # a small host table: an asynchronous copy (no sync), nothing when the device is the CPU
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _hyp_host(plan: GroupPlan, ts: list[float], lr: float) -> Tensor:
+    """The per-step scalars of each tensor from host step counts and a host lr."""
+    rows = []
     wd = plan.weight_decay
+    freq = plan.ema_overwrite_frequency
+    for t in ts:
+        sc = step_scalars(plan, t, lr)
+        before = plan.weight_decay_mode == WeightDecay.LR_BEFORE and wd
+        due = plan.use_ema and freq is not None and int(t) % freq == 0
+        rows.append([
+            1.0 - float(sc.beta2), float(sc.rho), 1 - lr * wd, lr * wd,
+            abs(1 - lr * wd) if before else 1.0, wd if lr != 0 else 0.0, float(due), 0.0,
+        ])  # fmt: skip
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _hyp_device(plan: GroupPlan, t: Tensor, lr: Tensor) -> Tensor:
+    """The same table computed on the device from step-counter and lr tensors (no host read:
+    what a CUDA graph can capture)."""
+    sc = step_scalars(plan, t, lr)
+    wd = plan.weight_decay
+    lr64 = lr.to(torch.float64).expand_as(t)
     before = plan.weight_decay_mode == WeightDecay.LR_BEFORE and wd
-    wd_before = abs(1 - lr_f * wd) if before else 1.0
-    clip = plan.clip_threshold
-    _adafactor_apply_kernel[grid](
-        grad, param, m, v, rstate, cstate, rmean, sums, out, numel, r_dim, c_dim, sign, clipv,
-        eps1, w1, w2, rho, plan.eps2, float(clip or 1.0), lr_f, wd, wd_before,
-        FACTORED=factored, MOM=mom, SCALE_PARAM=plan.scale_parameter, CLIP=clip is not None,
-        HAS_WD=bool(wd), WD_MODE=int(plan.weight_decay_mode), BLOCK=block,
+    freq = plan.ema_overwrite_frequency
+    if plan.use_ema and freq is not None:
+        due = (t.fmod(freq) == 0).to(torch.float64)
+    else:
+        due = torch.zeros_like(t)
+    cols = [
+        1.0 - sc.beta2,
+        torch.as_tensor(sc.rho, dtype=torch.float64).expand_as(t),
+        1 - lr64 * wd,
+        lr64 * wd,
+        (1 - lr64 * wd).abs() if before else torch.ones_like(t),
+        (lr64 != 0).to(torch.float64) * wd,
+        due,
+        torch.zeros_like(t),
+    ]
+    return torch.stack(cols, dim=1).to(torch.float32)
+
+
+def _guard(device: torch.device) -> Any:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_ZERO: dict[torch.device, Tensor] = {}
+
+
+def _zero(device: torch.device) -> Tensor:
+    """The found_inf of steps that skip nothing (one int32 zero per device, made once)."""
+    z = _ZERO.get(device)
+    if z is None:
+        z = _ZERO[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return z
+
+
+@torch.no_grad()
+def group_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    row_vars: Sequence[Tensor],
+    col_vars: Sequence[Tensor],
+    variances: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    emas: Sequence[Tensor],
+    noise: Sequence[Tensor],
+    factor_dims: Sequence[int],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    skipped_steps: Tensor,
+    plan: GroupPlan,
+    *,
+    capturable: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One step of a param group whose tensors all pass :func:`supports` (the op's arguments,
+    already checked). Returns ``(alpha, update_rms)``, float32, one entry per parameter.
+
+    ``capturable`` (default: whether every step counter lives off the CPU): per-step scalars
+    computed on the device from the counters, ``found_inf`` applied by masking (no host read).
+    """
+    n = len(params)
+    device = params[0].device if n else lr.device
+    if any(p.device != device for p in params):
+        raise ValueError("adafactor_triton.group_step: the tensors must be on one device")
+    alphas = torch.zeros(n, dtype=torch.float32, device=device)
+    rmss = torch.zeros(n, dtype=torch.float32, device=device)
+    if capturable is None:
+        capturable = bool(steps) and all(s.device.type != "cpu" for s in steps)
+    skip: Tensor | None = None
+    if found_inf is not None:
+        here = found_inf.device
+        if capturable and skipped_steps.device == here and all(s.device == here for s in steps):
+            skip = found_inf.reshape(()).to(torch.bool)
+            skipped_steps.add_(skip.to(skipped_steps.dtype))
+        elif bool(found_inf):  # host counters: their next value needs found_inf on the host
+            skipped_steps.add_(1)
+            return alphas, rmss
+    if not n:
+        return alphas, rmss
+    if skip is None:
+        torch._foreach_add_(list(steps), 1.0)
+    else:
+        keep = skip.logical_not().to(torch.float64)
+        torch._foreach_add_(list(steps), [keep] * len(steps))
+    on_device = capturable or lr.device.type != "cpu"  # per-step scalars made on the device
+    ts = None if on_device else [float(s) for s in steps]  # host counters: no device sync
+    lr_f = None if on_device else float(lr)
+    skip_ptr = skip.reshape(1).to(torch.int32) if skip is not None else _zero(device)
+
+    buckets: dict[Any, list[int]] = {}
+    dims_of: list[FactorDims | None] = []
+    stats_of: list[tuple[Tensor, Tensor | None]] = []
+    fi = vi = 0
+    for i, p in enumerate(params):
+        r, c = factor_dims[2 * i], factor_dims[2 * i + 1]
+        dims = None if r < 0 else FactorDims(r, c)
+        if dims is not None:
+            stats_of.append((row_vars[fi], col_vars[fi]))
+            fi += 1
+        else:
+            stats_of.append((variances[vi], None))
+            vi += 1
+        dims_of.append(dims)
+        view = _view(tuple(p.shape), dims)
+        kind = None if dims is None else _tile_kind(view)
+        key = (
+            p.dtype, grads[i].dtype, kind, view[4] == 1,
+            exp_avgs[i].dtype if exp_avgs else None, emas[i].dtype if emas else None,
+        )  # fmt: skip
+        buckets.setdefault(key, []).append(i)
+    with _guard(device):
+        for (pdt, gdt, kind, contig, mdt, edt), index in buckets.items():
+            views = [_view(tuple(params[i].shape), dims_of[i]) for i in index]
+            lay = _layout((kind, tuple(views), device), views, kind, device)
+            table = []
+            for slot, i in enumerate(index):
+                s1, s2 = stats_of[i]
+                nz = noise[i] if noise and noise[i].numel() else None
+                ptrs = [
+                    params[i].data_ptr(), grads[i].data_ptr(), s1.data_ptr(),
+                    s2.data_ptr() if s2 is not None else 0,
+                    exp_avgs[i].data_ptr() if exp_avgs else 0,
+                    emas[i].data_ptr() if emas else 0,
+                    nz.data_ptr() if nz is not None else 0,
+                ]  # fmt: skip
+                st = list(lay.static[slot])
+                st[_OUT_COL] = i
+                table.append(ptrs + st)
+            meta = _meta(table, device)
+            if ts is None:
+                t = torch.stack([steps[i].reshape(()) for i in index]).to(device, non_blocking=True)
+                lr_d = lr if lr.device == device else lr.to(device, non_blocking=True)
+                hyp = _hyp_device(plan, t.to(torch.float64), lr_d.reshape(()))
+            else:
+                assert lr_f is not None
+                hyp = _to_device(_hyp_host(plan, [ts[i] for i in index], lr_f), device)
+            sr = pdt == torch.bfloat16 and plan.stochastic_rounding and bool(noise)
+            _launch_bucket(
+                plan, lay, kind, contig, meta, hyp, len(index), device, pdt, gdt, mdt, edt, sr,
+                grad_scale, skip_ptr, alphas, rmss,
+            )  # fmt: skip
+    return alphas, rmss
+
+
+def _launch_bucket(
+    plan: GroupPlan,
+    lay: _Layout,
+    kind: str | None,
+    contig: bool,
+    meta: Tensor,
+    hyp: Tensor,
+    n: int,
+    device: torch.device,
+    pdt: torch.dtype,
+    gdt: torch.dtype,
+    mdt: torch.dtype | None,
+    edt: torch.dtype | None,
+    sr: bool,
+    grad_scale: Tensor | None,
+    skip_ptr: Tensor,
+    alphas: Tensor,
+    rmss: Tensor,
+) -> None:
+    f32 = torch.float32
+    p_dt, g_dt = _TL_DTYPES[pdt], _TL_DTYPES[gdt]
+    m_dt = _TL_DTYPES[mdt] if mdt is not None else tl.float32
+    e_dt = _TL_DTYPES[edt] if edt is not None else tl.float32
+    factored = kind is not None
+    np_ = lay.n_programs
+    tsum = torch.empty(2 * lay.n_stats_programs, dtype=f32, device=device)
+    usum = torch.empty(np_, dtype=f32, device=device)
+    scal = torch.empty(n * NS, dtype=f32, device=device)
+    row_part = torch.empty(max(lay.row_part, 1), dtype=f32, device=device)
+    col_part = torch.empty(max(lay.col_part, 1), dtype=f32, device=device)
+    rmean_part = torch.empty(max(lay.rmean_part, 1), dtype=f32, device=device)
+    dummy = tsum  # an unused pointer argument
+    sign = -1.0 if plan.maximize else 1.0
+    has_clipv = plan.clipvalue is not None
+    clipv = float(plan.clipvalue) if has_clipv else 0.0
+    eps1 = float(plan.eps1) if plan.eps1 is not None else torch.finfo(pdt).eps
+    clamp = plan.eps1_mode == Eps1Mode.CLAMP
+    mom = int(plan.momentum)
+    w1 = 1.0 - plan.beta1 if plan.beta1 is not None and mom else 0.0
+    scale_param = plan.scale_parameter
+    clipnorm = plan.clipnorm is not None
+    opts = {"enable_fp_fusion": False}
+    tr, tc = TILES[kind] if factored else (1, BLOCK_1D)
+    grid = (np_,)
+    if factored:
+        _stats_2d[(lay.n_stats_programs,)](
+            lay.stats_programs, meta, tsum, row_part, col_part, sign, clipv,
+            G_DT=g_dt, P_DT=p_dt, HAS_CLIPV=has_clipv, WANT_X=scale_param, TR=tr, TC=tc,
+            CONTIG_C=contig, **opts,
+        )  # fmt: skip
+    elif scale_param or clipnorm:
+        _stats_1d[grid](
+            lay.programs, meta, tsum, sign, clipv,
+            G_DT=g_dt, P_DT=p_dt, HAS_CLIPV=has_clipv, WANT_X=scale_param, WANT_G=clipnorm,
+            BLOCK=BLOCK_1D, **opts,
+        )  # fmt: skip
+    _reduce1[(n,)](
+        meta, hyp, scal, tsum, grad_scale if grad_scale is not None else dummy, skip_ptr, alphas,
+        float(plan.clipnorm or 0.0), float(plan.eps2),
+        HAS_GSCALE=grad_scale is not None, CLIPNORM=clipnorm, SCALE_PARAM=scale_param,
+        RB=REDUCE_BLOCK, **opts,
     )  # fmt: skip
-    return out[0], out[1]
+    eps1sq = eps1 * eps1
+    if factored:
+        assert lay.fprogs is not None
+        _factors[(lay.fprogs.numel() // 4,)](
+            lay.fprogs, meta, hyp, scal, row_part, col_part, rmean_part, skip_ptr, eps1,
+            ADD_EPS1=not clamp, FB=FACTOR_BLOCK, **opts,
+        )  # fmt: skip
+        _pass2_2d[grid](
+            lay.programs, meta, hyp, scal, rmean_part, usum, skip_ptr, sign, clipv, eps1, eps1sq,
+            w1, G_DT=g_dt, M_DT=m_dt, HAS_CLIPV=has_clipv, MOM=mom, CLAMP=clamp,
+            TR=tr, TC=tc, CONTIG_C=contig, **opts,
+        )  # fmt: skip
+    else:
+        _pass2_1d[grid](
+            lay.programs, meta, hyp, scal, usum, skip_ptr, sign, clipv, eps1, eps1sq, w1,
+            G_DT=g_dt, M_DT=m_dt, HAS_CLIPV=has_clipv, MOM=mom, CLAMP=clamp,
+            BLOCK=BLOCK_1D, **opts,
+        )  # fmt: skip
+    clip = plan.clip_threshold
+    _reduce2[(n,)](
+        meta, scal, usum, skip_ptr, rmss, float(clip or 1.0), CLIP=clip is not None,
+        RB=REDUCE_BLOCK, **opts,
+    )  # fmt: skip
+    wd = float(plan.weight_decay)
+    m = float(plan.ema_momentum)
+    common = {
+        "G_DT": g_dt, "P_DT": p_dt, "M_DT": m_dt, "E_DT": e_dt, "HAS_CLIPV": has_clipv,
+        "MOM": mom, "CLAMP": clamp, "CLIP": clip is not None, "HAS_WD": bool(wd),
+        "WD_MODE": int(plan.weight_decay_mode), "SR": sr, "EMA": plan.use_ema,
+    }  # fmt: skip
+    if factored:
+        _apply_2d[grid](
+            lay.programs, meta, hyp, scal, rmean_part, skip_ptr, sign, clipv, eps1, eps1sq, w1,
+            wd, m, 1 - m, TR=tr, TC=tc, CONTIG_C=contig, **common, **opts,
+        )  # fmt: skip
+    else:
+        _apply_1d[grid](
+            lay.programs, meta, hyp, scal, skip_ptr, sign, clipv, eps1, eps1sq, w1, wd, m, 1 - m,
+            BLOCK=BLOCK_1D, **common, **opts,
+        )  # fmt: skip
+
+
+def run_part(
+    plan: GroupPlan,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Tensor]],
+    dims: Sequence[FactorDims | None],
+    noise: Sequence[Tensor],
+    lr: Tensor,
+    grad_scale: Tensor | None,
+    index: Sequence[int],
+    alphas: Tensor,
+    rmss: Tensor,
+) -> None:
+    """The op's Triton part: the tensors at ``index`` (all supported) in one batched step per
+    device; their ``alpha_t`` and RMS(U) written at those positions of ``alphas``/``rmss``."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i in index:
+        by_device.setdefault(params[i].device, []).append(i)
+    if len(by_device) > 1:  # a group spread over devices: one step per device
+        for part in by_device.values():
+            run_part(plan, params, grads, states, dims, noise, lr, grad_scale, part, alphas, rmss)
+        return
+    sts = [states[i] for i in index]
+    ds = [dims[i] for i in index]
+    skipped = torch.zeros((), dtype=torch.int64)
+    a, r = group_step(
+        [params[i] for i in index],
+        [grads[i] for i in index],
+        [s["step"] for s in sts],
+        [s["row_var"] for s, d in zip(sts, ds) if d is not None],
+        [s["col_var"] for s, d in zip(sts, ds) if d is not None],
+        [s["variance"] for s, d in zip(sts, ds) if d is None],
+        [s["exp_avg"] for s in sts] if plan.momentum != Momentum.NONE else [],
+        [s["ema"] for s in sts] if plan.use_ema else [],
+        [noise[i] for i in index] if noise else [],
+        [k for d in ds for k in (d if d is not None else (-1, -1))],
+        lr,
+        grad_scale,
+        None,
+        skipped,
+        plan,
+    )
+    if len(index) == len(params):
+        alphas.copy_(a)
+        rmss.copy_(r)
+    else:
+        torch._foreach_copy_([alphas[i] for i in index], list(a.unbind()))
+        torch._foreach_copy_([rmss[i] for i in index], list(r.unbind()))

@@ -1,0 +1,303 @@
+"""The Triton kernels' checks, run in a subprocess with ``TRITON_INTERPRET=1`` (CPU tensors).
+
+``python -m tests.kernels._interpret_checks [name ...]`` runs the named checks (all by default)
+and prints one JSON object: check name -> list of failures (empty: passed), plus timings. The
+interpreter must be selected before triton is imported, hence the subprocess; one process runs
+every check so that torch and triton are imported once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from adafactor import Adafactor  # noqa: E402
+from adafactor.cli.bench import SHAPE_SETS  # noqa: E402
+from adafactor.functional import _dims_of, group_plan  # noqa: E402
+from adafactor.kernels import triton_module  # noqa: E402
+from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput  # noqa: E402
+from tests.test_impl_parity import _assert_matches  # noqa: E402
+
+tk = triton_module()
+
+# block boundaries: 4097 = 2 * 2048 + 1 elements (one past two 1-D chunks, past a row / column
+# tile), a vector of one, and a 3-D tensor with a batch dim and ragged row and column tiles
+SHAPES = [(1,), (4097,), (1, 4097), (4097, 1), (5, 31, 37)]
+STEPS = 3
+
+CHECKS: dict[str, Callable[[], list[str]]] = {}
+
+
+def check(fn: Callable[[], list[str]]) -> Callable[[], list[str]]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+class LaunchCounter:
+    """Counts kernel launches by wrapping each kernel's ``run`` (what ``kernel[grid](...)``
+    calls), by name."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        for kernel in tk.KERNELS:
+            real = kernel.run
+
+            def run(*args: Any, _real: Any = real, _name: str = kernel.__name__, **kw: Any) -> Any:
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _real(*args, **kw)
+
+            kernel.run = run
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+COUNTER = LaunchCounter()
+PARTS: list[list[int]] = []  # the index list of every Triton part of every step
+_real_run_part = tk.run_part
+
+
+def _run_part(*args: Any) -> None:
+    PARTS.append(list(args[8]))
+    _real_run_part(*args)
+
+
+tk.run_part = _run_part
+
+
+def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    init = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=init) * 0.1).to(dtype).requires_grad_(True) for s in shapes]
+
+
+def _run(
+    kwargs: dict[str, Any], impl: str, shapes: list[tuple[int, ...]], dtype: torch.dtype,
+    steps: int = STEPS,
+) -> tuple[list[torch.Tensor], Adafactor]:  # fmt: skip
+    params = _params(shapes, dtype)
+    opt = Adafactor(params, impl=impl, generator=torch.Generator().manual_seed(1), **kwargs)
+    grads = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=grads) * 1e-2).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def _compare(sample: AdafactorInput, ref: Any, got: Any) -> None:
+    (ref_params, ref_opt), (params, opt) = ref, got
+    for pr, pf in zip(ref_params, params):
+        where = f"{tuple(pr.shape)}"
+        sr, sf = ref_opt.state[pr], opt.state[pf]
+        bf16_state = sr.get("exp_avg", pr).dtype == torch.bfloat16
+        _assert_matches(pf.detach(), pr.detach(), f"{where} param", bf16_state)
+        assert sorted(sr) == sorted(sf), where
+        for key in sr:
+            _assert_matches(sf[key], sr[key], f"{where} state[{key!r}]", bf16_state)
+    gr, gf = ref_opt.last_step_stats[0], opt.last_step_stats[0]
+    assert gr is not None and gf is not None
+    torch.testing.assert_close(gf.alpha, gr.alpha, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gf.update_rms, gr.update_rms, rtol=1e-5, atol=0)
+
+
+@check
+def table() -> list[str]:
+    """Every sample of the configuration table: Adafactor.step(impl='triton') against the
+    reference, every tensor in the Triton part at every step."""
+    failures = []
+    for sample in OPTIM_INPUTS:
+        dtype = torch.bfloat16 if sample.bf16 else torch.float32
+        try:
+            # two steps (the second reads the state the first wrote); three where the third
+            # step differs (the EMA overwrites the weights, the schedule halves lr)
+            steps = 3 if sample.desc in ("ema", "lr schedule") else 2
+            ref = _run(sample.kwargs, "reference", SHAPES, dtype, steps)
+            PARTS.clear()
+            got = _run(sample.kwargs, "triton", SHAPES, dtype, steps)
+            assert PARTS == [list(range(len(SHAPES)))] * steps, f"Triton parts {PARTS}"
+            _compare(sample, ref, got)
+        except Exception as e:
+            failures.append(f"{sample.desc}: {type(e).__name__}: {e}")
+    return failures
+
+
+@check
+def layouts() -> list[str]:
+    """Factored dims other than the last two ([A, R, B, C, D] with B, D > 1), tall and wide
+    narrow tiles, bf16 momentum and EMA, strips of row blocks in the statistics kernel."""
+    failures = []
+    cases = [
+        ({"factor_dims": "largest2", "min_dim_size_to_factor": 4}, [(6, 3, 9, 2), (17, 2, 5)]),
+        ({"factor_dims": "largest2", "beta1": 0.9, "momentum_kind": "grad"}, [(9, 2, 33, 3)]),
+        ({"beta1": 0.9, "momentum_dtype": torch.bfloat16}, [(40, 3), (3, 40), (2, 5, 300)]),
+        ({"use_ema": True, "ema_overwrite_frequency": 2, "state_dtype": None}, [(40, 3), (7,)]),
+        # 69 row blocks: strips of 2 in the statistics kernel
+        ({"clipnorm": 0.05, "beta1": 0.9}, [(1100, 20)]),
+    ]
+    for kwargs, shapes in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                ref = _run(kwargs, "reference", shapes, dtype)
+                PARTS.clear()
+                got = _run(kwargs, "triton", shapes, dtype)
+                assert PARTS == [list(range(len(shapes)))] * STEPS, f"Triton parts {PARTS}"
+                _compare(AdafactorInput(str(kwargs), kwargs), ref, got)
+            except Exception as e:
+                failures.append(f"{kwargs} {dtype}: {type(e).__name__}: {e}")
+    return failures
+
+
+def _gpt2_standin() -> list[tuple[int, ...]]:
+    """GPT-2 small's 148 tensors with every dim divided by 32 (768 -> 24, 50257 -> 1570): the
+    same kinds and the same bucket structure, small enough for the interpreter."""
+    return [tuple(max(1, s // 32) for s in shape) for shape in SHAPE_SETS["gpt2-small"]()]
+
+
+@check
+def launches() -> list[str]:
+    """A GPT-2-small-shaped step: 148 tensors in two buckets, 11 launches."""
+    shapes = _gpt2_standin()
+    assert len(shapes) == 148
+    params = _params(shapes, torch.float32)
+    opt = Adafactor(params, impl="triton")
+    out = []
+    for p in params:
+        p.grad = torch.randn(p.shape) * 1e-2
+    COUNTER.reset()
+    opt.step()
+    if COUNTER.total > 12:
+        out.append(f"{COUNTER.total} launches: {COUNTER.counts}")
+    RESULTS["launches"] = dict(COUNTER.counts)
+    return out
+
+
+def _snapshot(params: list[torch.Tensor], opt: Adafactor) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        out += [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    last = opt.last_step_stats[0]
+    assert last is not None
+    return [*out, last.alpha.clone(), last.update_rms.clone()]
+
+
+@check
+def determinism() -> list[str]:
+    """Two runs from the same inputs: bitwise the same parameters, state and statistics."""
+    kwargs = {"beta1": 0.9, "clipnorm": 0.05, "weight_decay": 0.1}
+    shapes = [(4097, 1), (64, 300), (5, 31, 37), (4097,)]
+    runs = [_snapshot(*_run(kwargs, "triton", shapes, torch.float32)) for _ in range(2)]
+    return [f"tensor {i} differs" for i, (a, b) in enumerate(zip(*runs)) if not torch.equal(a, b)]
+
+
+def _group_args(opt: Adafactor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list:
+    group = opt.param_groups[0]
+    sts = [opt._state_of(p, group) for p in params]
+    dims = [_dims_of(p, group) for p in params]
+    plan = group_plan(group, "triton", True)
+    return [
+        params, grads, [s["step"] for s in sts],
+        [s["row_var"] for s in sts if "row_var" in s],
+        [s["col_var"] for s in sts if "col_var" in s],
+        [s["variance"] for s in sts if "variance" in s],
+        [s["exp_avg"] for s in sts] if plan.momentum else [],
+        [s["ema"] for s in sts] if plan.use_ema else [],
+        [], [i for d in dims for i in (d if d is not None else (-1, -1))],
+    ], plan  # fmt: skip
+
+
+@check
+def capturable() -> list[str]:
+    """Per-step scalars from the counters on the 'device' (capturable mode) give the same bits
+    as host scalars; a step with found_inf set changes nothing and counts the skip."""
+    out = []
+    shapes = [(4097, 1), (5, 31, 37), (300,)]
+    kwargs = {"beta1": 0.9, "use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.1}
+    finals = []
+    for capt in (False, True):
+        params = _params(shapes, torch.float32)
+        opt = Adafactor(params, **kwargs)
+        gen = torch.Generator().manual_seed(3)
+        skipped = torch.zeros((), dtype=torch.int64)
+        for _ in range(3):
+            grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+            args, plan = _group_args(opt, params, grads)
+            lr = torch.tensor(1e-2, dtype=torch.float64)
+            tk.group_step(*args, lr, None, torch.tensor(False), skipped, plan, capturable=capt)
+        before = _snapshot_state(params, opt)
+        bad = [g.clone() for g in grads]
+        bad[0][5, 0] = math.nan
+        if capt:
+            args, plan = _group_args(opt, params, bad)
+            found = torch.tensor(True)
+            a, r = tk.group_step(*args, lr, None, found, skipped, plan, capturable=True)
+            after = _snapshot_state(params, opt)
+            if not all(torch.equal(x, y) for x, y in zip(before, after)):
+                out.append("a skipped step changed the parameters or the state")
+            if int(skipped) != 1 or a.any() or r.any():
+                out.append(f"skip not counted or statistics not zero: {int(skipped)}, {a}, {r}")
+        finals.append(before)
+    if not all(torch.equal(x, y) for x, y in zip(*finals)):
+        out.append("capturable mode differs from host scalars")
+    return out
+
+
+@check
+def lr_zero() -> list[str]:
+    """A step with lr 0 leaves the weights and their EMA exactly as they were (every decay
+    form, the EMA overwrite included)."""
+    out = []
+    for mode in ("lr", "lr_before", "alpha", "unscaled"):
+        params = _params([(40, 3), (5, 31, 37), (300,)], torch.float32)
+        before = [p.detach().clone() for p in params]
+        opt = Adafactor(
+            params, impl="triton", lr=0.0, relative_step=False, weight_decay=0.1,
+            weight_decay_mode=mode, use_ema=True, ema_overwrite_frequency=1, beta1=0.9,
+        )  # fmt: skip
+        for p in params:
+            p.grad = torch.randn(p.shape) * 1e-2
+        opt.step()
+        for b, p in zip(before, params):
+            if not (torch.equal(p.detach(), b) and torch.equal(opt.state[p]["ema"], b)):
+                out.append(f"{mode} {tuple(p.shape)}: changed")
+    return out
+
+
+def _snapshot_state(params: list[torch.Tensor], opt: Adafactor) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        out += [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+RESULTS: dict[str, Any] = {}
+
+
+def main(names: list[str]) -> None:
+    report: dict[str, Any] = {}
+    for name in names or list(CHECKS):
+        start = time.perf_counter()
+        try:
+            failures = CHECKS[name]()
+        except Exception:
+            failures = [traceback.format_exc()]
+        report[name] = {"failures": failures, "seconds": round(time.perf_counter() - start, 1)}
+    report["extra"] = RESULTS
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

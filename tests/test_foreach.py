@@ -1,0 +1,457 @@
+"""The multi-tensor foreach implementation (the CUDA default) against the reference, on CPU.
+
+``_foreach.group_step`` is the op's CUDA kernel. Here it runs on CPU tensors two ways: through
+``Adafactor.step`` with the op's CPU dispatch sent to the CUDA registration function (so the
+optimizer, the op's checks and the impl selection all run as on a GPU), and directly, in
+*capturable* mode (per-step scalars computed from the counters as tensors, skips masked with
+``torch.where``), which is what a CUDA graph would capture. Tolerances: ``test_impl_parity``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from adafactor import Adafactor, _foreach, ops
+from adafactor._plan import GroupPlan, Impl
+from adafactor.functional import group_plan
+from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput
+from tests.test_impl_parity import _assert_matches
+
+SHAPES = [
+    (),
+    (1,),
+    (4097,),
+    (1, 4097),
+    (4097, 1),
+    (1, 7),
+    (5, 3),
+    (5, 31, 37),
+    (16, 4, 8),
+    (8, 4, 3, 3),
+    (0,),
+    (0, 3),
+]
+STEPS = 7
+
+
+@pytest.fixture
+def foreach_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op's CPU kernel runs the CUDA registration function (impl 'auto' -> foreach)."""
+
+    real = ops._run
+
+    def run(on_cpu: bool, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if GroupPlan(*args[-1]).impl in (Impl.AUTO, Impl.FUSED):
+            return ops._step_cuda(*args[:-1], *args[-1])
+        return real(on_cpu, *args)
+
+    monkeypatch.setattr(ops, "_run", run)
+
+
+def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+    init = torch.Generator().manual_seed(0)
+    return [(torch.randn(s, generator=init) * 0.1).to(dtype).requires_grad_(True) for s in shapes]
+
+
+def _run(
+    sample: AdafactorInput, impl: str, shapes: list[tuple[int, ...]], dtype: torch.dtype
+) -> tuple[list[torch.Tensor], Adafactor]:
+    params = _params(shapes, dtype)
+    opt = Adafactor(params, impl=impl, generator=torch.Generator().manual_seed(1), **sample.kwargs)
+    grads = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=grads) * 1e-2).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def _compare(
+    ref: tuple[list[torch.Tensor], Adafactor], got: tuple[list[torch.Tensor], Adafactor], desc: str
+) -> None:
+    (ref_params, ref_opt), (params, opt) = ref, got
+    for pr, pf in zip(ref_params, params):
+        where = f"{desc} {tuple(pr.shape)}"
+        sr, sf = ref_opt.state[pr], opt.state[pf]
+        bf16_state = sr.get("exp_avg", pr).dtype == torch.bfloat16
+        _assert_matches(pf.detach(), pr.detach(), f"{where} param", bf16_state)
+        assert sorted(sr) == sorted(sf), where
+        for key in sr:
+            _assert_matches(sf[key], sr[key], f"{where} state[{key!r}]", bf16_state)
+    for gr, gf in zip(ref_opt.last_step_stats, opt.last_step_stats):
+        assert gr is not None and gf is not None
+        torch.testing.assert_close(gf.alpha, gr.alpha, rtol=1e-6, atol=0)
+        torch.testing.assert_close(gf.update_rms, gr.update_rms, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("sample", OPTIM_INPUTS, ids=lambda s: s.desc)
+def test_foreach_step_matches_reference(sample: AdafactorInput, foreach_dispatch: None) -> None:
+    dtype = torch.bfloat16 if sample.bf16 else torch.float32
+    ref = _run(sample, "reference", SHAPES, dtype)
+    calls = []
+    real = _foreach.group_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_foreach, "group_step", counted)
+        got = _run(sample, "auto", SHAPES, dtype)
+    assert len(calls) == STEPS  # one call per group and step: the foreach path ran
+    _compare(ref, got, sample.desc)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"beta1": 0.9, "momentum_dtype": torch.bfloat16}, {"stochastic_rounding": True}],
+    ids=["defaults", "bf16-momentum", "stochastic-rounding"],
+)
+def test_foreach_bf16_params_match_reference(kwargs: dict, foreach_dispatch: None) -> None:
+    sample = AdafactorInput(f"bf16 {kwargs}", kwargs)
+    ref = _run(sample, "reference", SHAPES, torch.bfloat16)
+    _compare(ref, _run(sample, "auto", SHAPES, torch.bfloat16), sample.desc)
+
+
+# ---------------------------------------------------------------------------------------------
+# direct calls: capturable mode, masking, host reads, buckets, memory
+# ---------------------------------------------------------------------------------------------
+class _Group:
+    """An optimizer's first group turned into the op's arguments (state initialised)."""
+
+    def __init__(self, opt: Adafactor, params: list[torch.Tensor]) -> None:
+        group = opt.param_groups[0]
+        self.opt, self.group, self.params = opt, group, params
+        self.states = [opt._state_of(p, group) for p in params]
+        self.plan: GroupPlan = group_plan(group, "auto", True)
+
+    def args(
+        self,
+        grads: list[torch.Tensor],
+        *,
+        lr: torch.Tensor | None = None,
+        noise: list | None = None,
+    ) -> list[Any]:
+        from adafactor.functional import _dims_of
+
+        dims = [_dims_of(p, self.group) for p in self.params]
+        sts = self.states
+        plan = self.plan
+        return [
+            self.params,
+            grads,
+            [s["step"] for s in sts],
+            [s["row_var"] for s in sts if "row_var" in s],
+            [s["col_var"] for s in sts if "col_var" in s],
+            [s["variance"] for s in sts if "variance" in s],
+            [s["exp_avg"] for s in sts] if plan.momentum else [],
+            [s["ema"] for s in sts] if plan.use_ema else [],
+            noise or [],
+            [i for d in dims for i in (d if d is not None else (-1, -1))],
+            torch.tensor(float(self.group["lr"]), dtype=torch.float64) if lr is None else lr,
+        ]
+
+
+def _snapshot(g: _Group) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in g.params]
+    for s in g.states:
+        out += [v.clone() for v in s.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _grads(shapes: list[tuple[int, ...]], step: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(s, generator=gen) * 1e-2).to(dtype) for s in shapes]
+
+
+_DIRECT_SAMPLES = [s for s in OPTIM_INPUTS if not callable(s.kwargs.get("lr"))]
+
+
+@pytest.mark.parametrize("sample", _DIRECT_SAMPLES, ids=lambda s: s.desc)
+def test_capturable_mode_matches_reference(sample: AdafactorInput) -> None:
+    """Per-step scalars from the counters as tensors (what a CUDA graph captures): same results
+    as the reference through the optimizer."""
+    dtype = torch.bfloat16 if sample.bf16 else torch.float32
+    shapes = [(1,), (4097,), (1, 65), (65, 1), (5, 31, 37), (8, 4, 3, 3), (0,)]
+    ref = _run(sample, "reference", shapes, dtype)
+    params = _params(shapes, dtype)
+    kwargs = {k: v for k, v in sample.kwargs.items()}
+    opt = Adafactor(params, generator=torch.Generator().manual_seed(1), **kwargs)
+    g = _Group(opt, params)
+    gens = torch.Generator().manual_seed(2)
+    skipped = g.group["skipped_steps"]
+    for _ in range(STEPS):
+        grads = [(torch.randn(p.shape, generator=gens) * 1e-2).to(dtype) for p in params]
+        noise = []
+        if g.plan.stochastic_rounding:
+            noise = [
+                torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, generator=opt.generator)
+                if p.dtype == torch.bfloat16
+                else torch.empty(0, dtype=torch.int32)
+                for p in params
+            ]
+        lr = g.group["lr"]
+        lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+        scale = None
+        if opt.global_clipnorm:
+            scale = opt._global_grad_scale([(params, grads)])
+        alpha, rms = _foreach.group_step(
+            *g.args(grads, lr=lr_t, noise=noise), scale, None, skipped, g.plan, capturable=True
+        )
+    # the optimizer's last_step_stats are not filled on this path: compare the tensors only
+    ref_params, ref_opt = ref
+    for pr, pf in zip(ref_params, params):
+        where = f"{sample.desc} {tuple(pr.shape)}"
+        sr, sf = ref_opt.state[pr], opt.state[pf]
+        bf16_state = sr.get("exp_avg", pr).dtype == torch.bfloat16
+        _assert_matches(pf.detach(), pr.detach(), f"{where} param", bf16_state)
+        for key in sr:
+            _assert_matches(sf[key], sr[key], f"{where} state[{key!r}]", bf16_state)
+    last = ref_opt.last_step_stats[0]
+    assert last is not None
+    torch.testing.assert_close(alpha, last.alpha, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rms, last.update_rms, rtol=1e-5, atol=0)
+
+
+def _make_group(shapes: list[tuple[int, ...]], dtype=torch.float32, **kwargs: Any) -> _Group:
+    params = _params(shapes, dtype)
+    return _Group(Adafactor(params, **kwargs), params)
+
+
+MASK_OPTIONS = {"beta1": 0.9, "use_ema": True, "ema_overwrite_frequency": 1, "weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("kwargs", [MASK_OPTIONS, {"factored": False, **MASK_OPTIONS}])
+def test_found_inf_skips_without_a_host_read(kwargs: dict) -> None:
+    """A skipped step changes nothing, counts the skip, reports zeros, and reads nothing."""
+    shapes = [(5, 31, 37), (4097,), (1, 7)]
+    g = _make_group(shapes, **kwargs)
+    skipped = torch.zeros((), dtype=torch.int64)
+    for _ in range(2):  # two ordinary steps, so that the state is not trivial
+        _foreach.group_step(
+            *g.args(_grads(shapes, 0, torch.float32)), None, torch.tensor(False), skipped, g.plan,
+            capturable=True,
+        )  # fmt: skip
+    assert int(skipped) == 0 and float(g.states[0]["step"]) == 2.0
+    before = _snapshot(g)
+    bad = _grads(shapes, 1, torch.float32)
+    bad[0][1, 2, 3] = float("nan")
+    bad[1][7] = float("inf")
+    with _no_host_reads():
+        alpha, rms = _foreach.group_step(
+            *g.args(bad), None, torch.tensor(True), skipped, g.plan, capturable=True
+        )
+    after = _snapshot(g)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert int(skipped) == 1
+    assert not alpha.any() and not rms.any()
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Raises on the ATen ops that copy a tensor's value to the host (``item()`` and what calls
+    it inside C++, ``is_nonzero``, ``equal``), except on the storages in ``allowed``."""
+
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+    )
+
+    def __init__(self, allowed: set[int]) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self.READS:
+            t = args[0]
+            if t.untyped_storage().data_ptr() not in self.allowed:
+                raise AssertionError(f"host read: {func} on shape {tuple(t.shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _no_host_reads(allowed: tuple[torch.Tensor, ...] = ()) -> Iterator[list[str]]:
+    """Every way of reading a tensor's value on the host raises, except for ``allowed``: the
+    Python methods, and the ATen ops behind them (which C++ code calls directly)."""
+    ok = {id(t) for t in allowed}
+    reads: list[str] = []
+    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"]
+    mp = pytest.MonkeyPatch()
+    for name in names:
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self: torch.Tensor, *a: Any, _real: Any = real, _name: str = name) -> Any:
+            if id(self) not in ok:
+                raise AssertionError(f"host read: Tensor.{_name} on shape {tuple(self.shape)}")
+            reads.append(_name)
+            return _real(self, *a)
+
+        mp.setattr(torch.Tensor, name, guarded)
+    try:
+        with _ScalarReads({t.untyped_storage().data_ptr() for t in allowed}):
+            yield reads
+    finally:
+        mp.undo()
+
+
+ALL_OPTIONS = [
+    {},
+    {"beta1": 0.9, "momentum_kind": "grad", "clipnorm": 0.05},
+    {"beta1": 0.9, "momentum_kind": "normalized_update", "weight_decay": 0.1,
+     "weight_decay_mode": "alpha", "maximize": True, "clipvalue": 0.01},
+    {"beta1": 0.9, "momentum_dtype": torch.bfloat16, "weight_decay": 0.1,
+     "weight_decay_mode": "lr_before", "eps1_mode": "clamp", "eps1": None},
+    {"use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.1,
+     "weight_decay_mode": "unscaled", "warmup_init": True},
+    {"relative_step": False, "lr": 1e-3, "beta2": 0.999, "weight_decay": 0.1},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+@pytest.mark.parametrize("kwargs", ALL_OPTIONS)
+def test_no_host_reads(kwargs: dict, capturable: bool) -> None:
+    """Capturable mode reads no tensor on the host; with host counters only the counters (CPU
+    tensors) are read: nothing that would synchronise with a device."""
+    shapes = [(5, 31, 37), (4097,), (1, 7), ()]
+    g = _make_group(shapes, **kwargs)
+    skipped = torch.zeros((), dtype=torch.int64)
+    lr = torch.tensor(float(g.group["lr"]), dtype=torch.float64)
+    args = g.args(_grads(shapes, 0, torch.float32), lr=lr)
+    allowed = () if capturable else (*args[2], lr)
+    scale = torch.tensor(0.5) if capturable else None  # global_clipnorm's factor
+    with _no_host_reads(allowed) as reads:
+        _foreach.group_step(*args, scale, None, skipped, g.plan, capturable=capturable)
+    assert capturable or "__float__" in reads  # the counters, read as host floats
+    assert all(p.isfinite().all() for p in g.params)
+
+
+@pytest.mark.parametrize("kwargs", ALL_OPTIONS)
+def test_runs_on_meta_tensors(kwargs: dict) -> None:
+    """Parameters, gradients and state on ``meta`` (no values at all): any host read raises, so
+    completing is proof that nothing is read. Counters on meta too (capturable mode)."""
+    shapes = [(5, 31, 37), (4097,), (1, 7), ()]
+    g = _make_group(shapes, **kwargs)
+    meta = torch.device("meta")
+    g.params = [p.detach().to(meta) for p in g.params]
+    g.states = [
+        {k: (v.to(meta) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for s in g.states
+    ]
+    grads = [torch.empty(s, device=meta) for s in shapes]
+    args = g.args(grads, lr=torch.tensor(1e-2, dtype=torch.float64, device=meta))
+    found_inf = torch.empty((), dtype=torch.bool, device=meta)
+    skipped = torch.empty((), dtype=torch.int64, device=meta)
+    alpha, rms = _foreach.group_step(*args, None, found_inf, skipped, g.plan)
+    assert alpha.device == meta and alpha.shape == (len(shapes),) and rms.shape == alpha.shape
+
+
+def test_buckets_do_not_change_results() -> None:
+    """One tensor per bucket or all in one: the same bits (every op is per element or per
+    tensor)."""
+    shapes = [(5, 31, 37), (4097,), (1, 7), (64, 65), (300,)]
+    results = []
+    for limit in (1, 1 << 30):
+        g = _make_group(shapes, beta1=0.9, weight_decay=0.1, weight_decay_mode="alpha")
+        skipped = torch.zeros((), dtype=torch.int64)
+        for step in range(3):
+            out = _foreach.group_step(
+                *g.args(_grads(shapes, step, torch.float32)), None, None, skipped, g.plan,
+                bucket_numel=limit,
+            )  # fmt: skip
+        results.append((_snapshot(g), out))
+    (a, (aa, ar)), (b, (ba, br)) = results
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(aa, ba) and torch.equal(ar, br)
+
+
+def test_buckets_are_bounded() -> None:
+    shapes = [(100, 10)] * 7 + [(5000,)] + [(3,)] * 4
+    g = _make_group(shapes)
+    args = g.args(_grads(shapes, 0, torch.float32))
+    buckets = _foreach._buckets(*args[:10], capturable=False, limit=2500)
+    for b in buckets:
+        assert b.numel <= 2500 or len(b.params) == 1
+    assert sorted(i for b in buckets for i in b.index) == list(range(len(shapes)))
+    kinds = {(b.dims[0] is None) for b in buckets}
+    assert kinds == {True, False}
+    assert all(len({d is None for d in b.dims}) == 1 for b in buckets)
+
+
+class _PeakMemory(TorchDispatchMode):
+    """Bytes held by tensors that ops created and that are still alive: the peak of the sum.
+
+    Each new storage is counted once, from the op that created it until it is freed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (list, tuple)) else [out]
+        for t in flat:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._seen or storage.nbytes() == 0:
+                continue
+            self._seen.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_temporaries_stay_within_a_bucket(factored: bool) -> None:
+    """Extra memory of a step: a few full-size temporaries of one bucket, never of the model."""
+    shapes = [(256, 256)] * 16  # 1M elements, 4 MiB
+    g = _make_group(shapes, factored=factored, beta1=0.9, weight_decay=0.1, clipvalue=0.5)
+    skipped = torch.zeros((), dtype=torch.int64)
+    peaks = {}
+    for limit in (65536, 1 << 30):  # one tensor per bucket; the whole group in one bucket
+        args = g.args(_grads(shapes, 0, torch.float32))
+        with _PeakMemory() as mem:
+            _foreach.group_step(*args, None, None, skipped, g.plan, bucket_numel=limit)
+        peaks[limit] = mem.peak
+    tensor_bytes = 256 * 256 * 4
+    model_bytes = 16 * tensor_bytes
+    assert peaks[65536] <= 4 * tensor_bytes, peaks  # a few temporaries of one tensor
+    assert peaks[1 << 30] <= 4 * model_bytes, peaks
+    assert peaks[65536] * 4 < peaks[1 << 30]
+
+
+def test_cuda_kernel_is_registered() -> None:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("adafactor::step_", "CUDA")
+
+
+@pytest.mark.parametrize("mode", ["lr", "lr_before", "alpha", "unscaled"])
+def test_lr_zero_changes_nothing(mode: str, foreach_dispatch: None) -> None:
+    """A step with lr 0 (DCP's get_state_dict takes one) leaves the weights and their EMA exactly
+    as they were, in every decay form, overwrite included."""
+    params = _params([(5, 31, 37), (4097,), (1, 7)], torch.float32)
+    opt = Adafactor(
+        params, lr=0.0, relative_step=False, weight_decay=0.1, weight_decay_mode=mode,
+        use_ema=True, ema_overwrite_frequency=1, beta1=0.9,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape) * 1e-2
+    opt.step()
+    for b, p in zip(before, params):
+        assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["ema"], b)
