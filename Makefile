@@ -38,7 +38,7 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q -n 2 -m "not distributed" tests
-	$(PY) -m pytest -q -m distributed tests/distributed
+	$(PY) -m pytest -q -m distributed tests/distributed tests/test_release.py
 
 # The GPU check (docs/gpu.md): parity, no-sync, CUDA-graph and determinism tests on the device and
 # the GPU benchmark against a measured bandwidth roofline; about 5 minutes, at most 8. Without a

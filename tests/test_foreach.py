@@ -47,10 +47,10 @@ def foreach_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = ops._run
 
-    def run(on_cpu: bool, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if GroupPlan(*args[-1]).impl in (Impl.AUTO, Impl.FUSED):
-            return ops._step_cuda(*args[:-1], *args[-1])
-        return real(on_cpu, *args)
+    def run(on_cpu: bool, op: ops.OpArgs, plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        if plan.impl in (Impl.AUTO, Impl.FUSED):
+            return ops._step_cuda(*op, *plan.as_args())
+        return real(on_cpu, op, plan)
 
     monkeypatch.setattr(ops, "_run", run)
 

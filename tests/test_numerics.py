@@ -102,3 +102,15 @@ def test_skip_nonfinite_with_global_clipnorm_skips_every_group(impl: str) -> Non
         assert torch.equal(p, x)
         assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())
     assert [int(grp["skipped_steps"]) for grp in opt.param_groups] == [1, 1]
+
+
+def test_skip_nonfinite_with_empty_parameters() -> None:
+    """Found by tests/test_fuzz.py: the max-abs norm of an empty gradient has no value."""
+    p, empty = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(0))
+    opt = Adafactor([p, empty], skip_nonfinite=True)
+    p.grad, empty.grad = torch.ones(3), torch.ones(0)
+    opt.step()
+    assert int(opt.param_groups[0]["skipped_steps"]) == 0 and not torch.equal(p, torch.ones(3))
+    only_empty = Adafactor([torch.nn.Parameter(torch.ones(0, 2))], skip_nonfinite=True)
+    only_empty.param_groups[0]["params"][0].grad = torch.ones(0, 2)
+    only_empty.step()

@@ -39,7 +39,7 @@ entry per parameter: :math:`\\alpha_t` and RMS(U) before update clipping.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ from ._plan import GroupPlan, Impl, StepScalars, step_scalars
 from .factoring import FactorDims
 from .kernels import triton_module
 
-__all__ = ["SCHEMA", "check_inputs", "step_", "update_ema"]
+__all__ = ["SCHEMA", "OpArgs", "check_inputs", "step_", "update_ema"]
 
 SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars, "
@@ -60,6 +60,33 @@ SCHEMA = (
 )
 _MUTATED = ("params", "steps", "row_vars", "col_vars", "variances", "exp_avgs", "emas")
 _MUTATED += ("skipped_steps",)
+
+
+class OpArgs(NamedTuple):
+    """The op's tensor arguments, in schema order (the plan's options follow them)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    steps: list[Tensor]
+    row_vars: list[Tensor]
+    col_vars: list[Tensor]
+    variances: list[Tensor]
+    exp_avgs: list[Tensor]
+    emas: list[Tensor]
+    noise: list[Tensor]
+    factor_dims: list[int]
+    lr: Tensor
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+    skipped_steps: Tensor
+
+
+_CHECKED = OpArgs._fields[: OpArgs._fields.index("factor_dims") + 1]  # what check_inputs takes
+
+
+def _split(args: Sequence[Any]) -> tuple[OpArgs, GroupPlan]:
+    n = len(OpArgs._fields)
+    return OpArgs(*args[:n]), GroupPlan(*args[n:])
 
 
 def _dims(factor_dims: Sequence[int], i: int) -> FactorDims | None:
@@ -329,28 +356,12 @@ def _states(
     return states, dims
 
 
-def _run(
-    on_cpu: bool,
-    params: list[Tensor],
-    grads: list[Tensor],
-    steps: list[Tensor],
-    row_vars: list[Tensor],
-    col_vars: list[Tensor],
-    variances: list[Tensor],
-    exp_avgs: list[Tensor],
-    emas: list[Tensor],
-    noise: list[Tensor],
-    factor_dims: list[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
-    plan_args: tuple[Any, ...],
-) -> tuple[Tensor, Tensor]:
-    check_inputs(
-        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims
-    )
-    plan = GroupPlan(*plan_args)
+def _run(on_cpu: bool, op: OpArgs, plan: GroupPlan) -> tuple[Tensor, Tensor]:
+    """The CPU (``on_cpu``) and reference implementations: the kernel chosen by ``plan.impl`` for
+    the tensors it supports, the reference math for the rest."""
+    check_inputs(*op[: len(_CHECKED)])
+    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims,
+     lr, grad_scale, found_inf, skipped_steps) = op  # fmt: skip
     n = len(params)
     device = params[0].device if params else lr.device
     alphas = torch.zeros(n, dtype=torch.float32, device=device)
@@ -472,42 +483,9 @@ def _kernel_part(
 
 
 @torch.library.custom_op("adafactor::step_", mutates_args=_MUTATED, schema=SCHEMA)
-def step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    steps: list[Tensor],
-    row_vars: list[Tensor],
-    col_vars: list[Tensor],
-    variances: list[Tensor],
-    exp_avgs: list[Tensor],
-    emas: list[Tensor],
-    noise: list[Tensor],
-    factor_dims: list[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
-    *plan: Any,
-) -> tuple[Tensor, Tensor]:
-    """Any device: the reference math."""
-    return _run(
-        False,
-        params,
-        grads,
-        steps,
-        row_vars,
-        col_vars,
-        variances,
-        exp_avgs,
-        emas,
-        noise,
-        factor_dims,
-        lr,
-        grad_scale,
-        found_inf,
-        skipped_steps,
-        plan,
-    )
+def step_(*args: Any) -> tuple[Tensor, Tensor]:
+    """Any device: the reference math (arguments: :data:`SCHEMA`)."""
+    return _run(False, *_split(args))
 
 
 _MUTATED_INDEX = [
@@ -532,129 +510,28 @@ step_._lib.impl("step_", _bump_versions, "ADInplaceOrView", with_keyset=True)
 
 
 @step_.register_kernel("cpu")
-def _step_cpu(
-    params: list[Tensor],
-    grads: list[Tensor],
-    steps: list[Tensor],
-    row_vars: list[Tensor],
-    col_vars: list[Tensor],
-    variances: list[Tensor],
-    exp_avgs: list[Tensor],
-    emas: list[Tensor],
-    noise: list[Tensor],
-    factor_dims: list[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
-    *plan: Any,
-) -> tuple[Tensor, Tensor]:
+def _step_cpu(*args: Any) -> tuple[Tensor, Tensor]:
     """CPU: the fused C kernel for the tensors it supports, the reference for the rest."""
-    return _run(
-        True,
-        params,
-        grads,
-        steps,
-        row_vars,
-        col_vars,
-        variances,
-        exp_avgs,
-        emas,
-        noise,
-        factor_dims,
-        lr,
-        grad_scale,
-        found_inf,
-        skipped_steps,
-        plan,
-    )
+    return _run(True, *_split(args))
 
 
 @step_.register_kernel("cuda")
-def _step_cuda(
-    params: list[Tensor],
-    grads: list[Tensor],
-    steps: list[Tensor],
-    row_vars: list[Tensor],
-    col_vars: list[Tensor],
-    variances: list[Tensor],
-    exp_avgs: list[Tensor],
-    emas: list[Tensor],
-    noise: list[Tensor],
-    factor_dims: list[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
-    *plan: Any,
-) -> tuple[Tensor, Tensor]:
+def _step_cuda(*args: Any) -> tuple[Tensor, Tensor]:
     """CUDA: the multi-tensor foreach implementation (:mod:`adafactor._foreach`) for
     ``impl="auto"`` and ``"fused"``; ``"reference"`` and ``"triton"`` as on other devices."""
     from . import _foreach
 
-    group_plan = GroupPlan(*plan)
-    if group_plan.impl not in (Impl.AUTO, Impl.FUSED):
-        return _run(
-            False,
-            params,
-            grads,
-            steps,
-            row_vars,
-            col_vars,
-            variances,
-            exp_avgs,
-            emas,
-            noise,
-            factor_dims,
-            lr,
-            grad_scale,
-            found_inf,
-            skipped_steps,
-            plan,
-        )
-    check_inputs(
-        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims
-    )
-    return _foreach.group_step(
-        params,
-        grads,
-        steps,
-        row_vars,
-        col_vars,
-        variances,
-        exp_avgs,
-        emas,
-        noise,
-        factor_dims,
-        lr,
-        grad_scale,
-        found_inf,
-        skipped_steps,
-        group_plan,
-    )
+    op, plan = _split(args)
+    if plan.impl not in (Impl.AUTO, Impl.FUSED):
+        return _run(False, op, plan)
+    check_inputs(*op[: len(_CHECKED)])
+    return _foreach.group_step(*op, plan)
 
 
 @step_.register_fake
-def _step_fake(
-    params: list[Tensor],
-    grads: list[Tensor],
-    steps: list[Tensor],
-    row_vars: list[Tensor],
-    col_vars: list[Tensor],
-    variances: list[Tensor],
-    exp_avgs: list[Tensor],
-    emas: list[Tensor],
-    noise: list[Tensor],
-    factor_dims: list[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
-    *plan: Any,
-) -> tuple[Tensor, Tensor]:
-    check_inputs(
-        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims
-    )
-    like = params[0] if params else lr
-    n = len(params)
+def _step_fake(*args: Any) -> tuple[Tensor, Tensor]:
+    op, _ = _split(args)
+    check_inputs(*op[: len(_CHECKED)])
+    like = op.params[0] if op.params else op.lr
+    n = len(op.params)
     return like.new_empty(n, dtype=torch.float32), like.new_empty(n, dtype=torch.float32)

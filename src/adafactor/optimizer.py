@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from . import _reference as ref
 from . import checkpoint, distributed
 from . import constructors as _ctors
+from ._release import GradientRelease, check_accumulation_steps
 from ._validation import (
     check_group,
     check_group_cached,
@@ -83,6 +84,8 @@ _INSTANCE_DEFAULTS: dict[str, Any] = {
     "impl": "auto",
     "carry_param_rms": True,
     "generator": None,
+    "gradient_release": False,
+    "accumulation_steps": 1,
 }
 
 
@@ -192,6 +195,15 @@ class Adafactor(Optimizer):
             a NumPy view) is caught at the next step, whose update then used the stale RMS(x),
             and reported with a warning. Set ``False`` to re-read x every step.
         generator: random generator for stochastic rounding (for reproducible runs).
+        gradient_release: step each parameter inside backward, as soon as its gradient is
+            complete, and free that gradient (``p.grad = None``): the gradients never all
+            exist at once. ``step()`` and ``zero_grad()`` are then no-ops for released
+            parameters; results are bit-identical to the normal loop (stochastic rounding draws
+            in backward order). Incompatible with ``global_clipnorm``, ``skip_nonfinite``, an
+            fp16 ``GradScaler`` and DDP; works with FSDP2. See docs/memory.md.
+        accumulation_steps: with ``gradient_release``, sum the gradients of this many backward
+            passes and step in the last one (exact gradient accumulation; the gradients are
+            held between micro-batches).
 
     After each step, :attr:`last_step_stats` holds one :class:`StepStats` per param group.
 
@@ -253,6 +265,8 @@ class Adafactor(Optimizer):
         impl: str = "auto",
         carry_param_rms: bool = True,
         generator: torch.Generator | None = None,
+        gradient_release: bool = False,
+        accumulation_steps: int = 1,
         **kwargs: Any,
     ) -> None:
         if kwargs:  # Adam's and other libraries' names get an error naming ours
@@ -281,9 +295,14 @@ class Adafactor(Optimizer):
         self.impl = impl
         self.carry_param_rms = carry_param_rms
         self.generator = generator
+        self.gradient_release = gradient_release
+        self.accumulation_steps = check_accumulation_steps(accumulation_steps, gradient_release)
+        self._release: GradientRelease | None = None
         self.last_step_stats: list[StepStats | None] = []
         self._group_snapshots: list[Any] = []
         super().__init__(params, defaults)
+        if gradient_release:  # hooks every group's parameters (added groups: add_param_group)
+            self._release = GradientRelease(self, accumulation_steps)
 
     # Other libraries' exact constructors (adafactor.constructors): their names and defaults.
     from_keras = classmethod(_ctors.from_keras)
@@ -313,6 +332,8 @@ class Adafactor(Optimizer):
         index = len(self.param_groups) - 1
         for i, p in enumerate(group["params"]):
             check_param(p, f"param_groups[{index}]['params'][{i}]", group["factored"])
+        if getattr(self, "_release", None) is not None:
+            self._release.add_group(index)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and param_groups: copy and pickle the
@@ -330,6 +351,21 @@ class Adafactor(Optimizer):
             for key, value in _GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
             checkpoint.migrate_group(group)
+        # unpickled or deep-copied (not load_state_dict, which keeps the live hooks): hook the
+        # copy's own parameters
+        if self.gradient_release and getattr(self, "_release", None) is None:
+            self._release = GradientRelease(self, self.accumulation_steps)
+        elif not hasattr(self, "_release"):
+            self._release = None
+
+    def remove_gradient_release(self) -> None:
+        """Remove the hooks of ``gradient_release=True``: ``step()`` steps every parameter
+        again (gradients an unfinished accumulation window holds are kept for it)."""
+        if self._release is not None:
+            self._release.remove()
+            self._release = None
+        self.gradient_release = False
+        self.accumulation_steps = 1
 
     def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
         return group["state_dtype"] or ref.compute_dtype(p.dtype)
@@ -396,7 +432,11 @@ class Adafactor(Optimizer):
         """Perform one step; ``closure`` (optional) re-evaluates the model and returns the loss.
 
         Each param group is one call of ``torch.ops.adafactor.step_``; nothing is read back to
-        the host, so ``torch.compile(opt.step)`` traces it whole."""
+        the host, so ``torch.compile(opt.step)`` traces it whole. With ``gradient_release``
+        the parameters were stepped in backward: a no-op (a closure raises)."""
+        if self._release is not None:
+            self._release.step(closure)
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -506,5 +546,8 @@ def _found_inf(grads: list[Tensor]) -> Tensor:
     """A bool tensor: some gradient holds inf or NaN (the max-abs norm is not finite; no sync)."""
     if distributed.has_dtensor(grads):  # every rank must skip the same steps
         return distributed.found_inf(grads)
+    grads = [g for g in grads if g.numel()]  # (an empty max-abs norm has no value)
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
     norms = torch._foreach_norm(grads, float("inf"))
     return torch.stack(norms).isfinite().all().logical_not()

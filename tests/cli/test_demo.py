@@ -175,3 +175,29 @@ def test_demo_unreadable_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_demo_cuda_unavailable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--device", "cuda", "--output", str(tmp_path)]) == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_demo_gradient_release_same_numbers_and_a_memory_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["demo", "--model-size", "tiny", "--steps", "3"]
+    assert main([*argv, "--output", str(tmp_path / "plain"), "--optimizers", "adafactor"]) == 0
+    assert "gradient release" not in capsys.readouterr().out
+    out = tmp_path / "release"
+    assert main([*argv, "--output", str(out), "--gradient-release"]) == 0
+    printed = capsys.readouterr().out
+    line = re.search(
+        r"memory: Adafactor with gradient release held at most one complete gradient \(the "
+        r"largest, ([0-9.]+ KiB)\) instead of all of them \(([0-9.]+ KiB)\); peak memory "
+        r"[0-9.]+ [KMG]i?B \(AdamW [0-9.]+ [KMG]i?B\)",
+        printed,
+    )
+    assert line is not None, printed
+    assert line.group(1) == "32.0 KiB"  # the tiny model's 256 x 32 embedding (float32)
+    release = json.loads((out / "results.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert release["config"]["gradient_release"] is True
+    assert "gradient_release" not in plain["config"]
+    # stepped inside backward or by opt.step(): the same numbers
+    for key in ("train_curve", "val_curve", "final_val_loss", "state_bytes"):
+        assert release["runs"]["adafactor"][key] == plain["runs"]["adafactor"][key], key

@@ -140,6 +140,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the rows to FILE (.json or .csv) and the table beside it as .md "
         "(default: print the table only)",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead of step times, measure the peak memory of whole training steps (forward, "
+        "backward, step) of a GPT-2-small-shaped model under AdamW, Adafactor, Adafactor with "
+        "gradient release and bf16 with release and stochastic rounding: runs "
+        "benchmarks/bench_memory.py of the source checkout with --threads and --output "
+        "(docs/memory.md; several minutes on 2 cores)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -433,10 +442,43 @@ def _write(rows: list[dict[str, Any]], table: str, output: Path) -> None:
     output.with_suffix(".md").write_text(table)
 
 
+def memory_script() -> Path:
+    """benchmarks/bench_memory.py of the source checkout this package runs from."""
+    return Path(__file__).resolve().parents[3] / "benchmarks" / "bench_memory.py"
+
+
+def _memory(args: argparse.Namespace) -> int:
+    """``--memory``: run benchmarks/bench_memory.py (it spawns a process per optimizer row)."""
+    script = memory_script()
+    if not script.is_file():
+        print(
+            f"adafactor bench: error: --memory runs {script}, which this installation lacks; "
+            "run it from a source checkout (pip install -e .): python benchmarks/bench_memory.py",
+            file=sys.stderr,
+        )
+        return 2
+    argv = [sys.executable, str(script), "--threads", str(args.threads)]
+    if args.output is not None:
+        if args.output.suffix != ".json":
+            print(
+                f"adafactor bench: error: --memory writes JSON; pass --output with the suffix "
+                f".json, got {args.output}",
+                file=sys.stderr,
+            )
+            return 2
+        argv += ["--output", str(args.output)]
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return INTERRUPTED
+
+
 def run(args: argparse.Namespace) -> int:
     if args.worker is not None:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    if getattr(args, "memory", False):
+        return _memory(args)
     if args.output is not None:  # checked when parsed; made now, before minutes of timing
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)

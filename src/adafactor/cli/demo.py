@@ -31,7 +31,7 @@ from adafactor import Adafactor
 
 from . import INTERRUPTED
 from ._data import Corpus, DataError, load_corpus
-from ._model import MODEL_SIZES, ModelSize
+from ._model import MODEL_SIZES, ByteTransformer, ModelSize
 from ._report import error, fmt_bytes, fmt_loss, markdown_table, plot_curves, run_record, write_json
 from ._train import (
     OptimizerSpec,
@@ -59,6 +59,11 @@ def _adafactor(model: nn.Module, steps: int) -> tuple[Optimizer, LRScheduler | N
     return Adafactor(model.parameters(), preset="paper"), None
 
 
+def _adafactor_release(model: nn.Module, steps: int) -> tuple[Optimizer, LRScheduler | None]:
+    # each parameter is stepped inside backward; step() and zero_grad() are then no-ops
+    return Adafactor(model.parameters(), preset="paper", gradient_release=True), None
+
+
 def adamw_schedule(step: int, steps: int) -> float:
     """Multiplier of the peak lr at 0-based ``step``: linear warmup, then cosine to 10%."""
     warmup = max(1, steps // 20)
@@ -79,8 +84,10 @@ def _adamw_spec(peak_lr: float) -> OptimizerSpec:
 OPTIMIZERS = ("adafactor", "adamw")
 
 
-def _spec(name: str, adamw_lr: float) -> OptimizerSpec:
-    return OptimizerSpec("adafactor", _adafactor) if name == "adafactor" else _adamw_spec(adamw_lr)
+def _spec(name: str, adamw_lr: float, release: bool = False) -> OptimizerSpec:
+    if name == "adafactor":
+        return OptimizerSpec("adafactor", _adafactor_release if release else _adafactor)
+    return _adamw_spec(adamw_lr)
 
 
 def _optimizer_list(text: str) -> list[str]:
@@ -109,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LR",
         help="AdamW's peak learning rate (default: the tuned value for --model-size, "
         f"{ADAMW_PEAK_LR[DEFAULT_SIZE]:g} for {DEFAULT_SIZE})",
+    )
+    parser.add_argument(
+        "--gradient-release",
+        action="store_true",
+        help="step Adafactor's parameters inside backward and free each gradient at once "
+        "(Adafactor(gradient_release=True): the same numbers, less memory; docs/memory.md), "
+        "and print a memory line",
     )
 
 
@@ -167,7 +181,7 @@ def _train_all(
         try:
             results.append(
                 train_run(
-                    _spec(name, adamw_lr),
+                    _spec(name, adamw_lr, args.gradient_release),
                     size,
                     corpus,
                     steps=args.steps,
@@ -179,6 +193,27 @@ def _train_all(
         except KeyboardInterrupt:
             return results, True
     return results, False
+
+
+def _gradient_bytes(size: ModelSize) -> tuple[int, int]:
+    """Bytes of all the model's gradients and of its largest one (float32, as the params)."""
+    with torch.device("meta"):
+        sizes = [p.numel() * p.element_size() for p in ByteTransformer(size).parameters()]
+    return sum(sizes), max(sizes)
+
+
+def _release_line(by_name: dict[str, RunResult], size: ModelSize) -> str:
+    """What gradient release held, and the peak memory beside AdamW's."""
+    every, largest = _gradient_bytes(size)
+    line = (
+        "memory: Adafactor with gradient release held at most one complete gradient (the "
+        f"largest, {fmt_bytes(largest)}) instead of all of them ({fmt_bytes(every)})"
+    )
+    if "adafactor" in by_name:
+        line += f"; peak memory {fmt_bytes(by_name['adafactor'].peak_memory_bytes)}"
+        if "adamw" in by_name:
+            line += f" (AdamW {fmt_bytes(by_name['adamw'].peak_memory_bytes)})"
+    return line
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -203,6 +238,8 @@ def _run(args: argparse.Namespace) -> int:
         return INTERRUPTED
     table = _table(results)
     comparison, lines = _comparison({r.name: r for r in results})
+    if args.gradient_release:
+        lines.append(_release_line({r.name: r for r in results}, size))
     params = results[0].param_count
     wall = time.perf_counter() - started
     lines.append(f"wall time: {wall:.1f} s (data, training, evaluation; not Python start-up)")
@@ -235,6 +272,8 @@ def _run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    if args.gradient_release:  # the default run's file stays as it was
+        config["gradient_release"] = True
     payload = {
         "command": "demo",
         "config": config,
