@@ -62,6 +62,7 @@ OPTIM_INPUTS: list[AdafactorInput] = [
     AdafactorInput("global_clipnorm", {"global_clipnorm": 0.1}),
     AdafactorInput("ema", {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 3}),
     AdafactorInput("stochastic rounding", {"stochastic_rounding": True}, bf16=True),
+    AdafactorInput("kahan summation", {"kahan_summation": True}, bf16=True),
     AdafactorInput("bf16 params", {"beta1": 0.9}, bf16=True),
 ]
 

@@ -55,6 +55,17 @@ def foreach_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "_run", run)
 
 
+def _assert_states_match(
+    pr: torch.Tensor, pf: torch.Tensor, sr: dict, sf: dict, where: str, bf16_state: bool
+) -> None:
+    for key in sr:
+        if key == "kahan_comp":  # float32-level residuals: compare the sums x + comp
+            xr, xf = pr.detach().float() + sr[key].float(), pf.detach().float() + sf[key].float()
+            _assert_matches(xf, xr, f"{where} x + kahan_comp", bf16_state=True)
+            continue
+        _assert_matches(sf[key], sr[key], f"{where} state[{key!r}]", bf16_state)
+
+
 def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
     init = torch.Generator().manual_seed(0)
     return [(torch.randn(s, generator=init) * 0.1).to(dtype).requires_grad_(True) for s in shapes]
@@ -83,8 +94,7 @@ def _compare(
         bf16_state = sr.get("exp_avg", pr).dtype == torch.bfloat16
         _assert_matches(pf.detach(), pr.detach(), f"{where} param", bf16_state)
         assert sorted(sr) == sorted(sf), where
-        for key in sr:
-            _assert_matches(sf[key], sr[key], f"{where} state[{key!r}]", bf16_state)
+        _assert_states_match(pr, pf, sr, sf, where, bf16_state)
     for gr, gf in zip(ref_opt.last_step_stats, opt.last_step_stats):
         assert gr is not None and gf is not None
         torch.testing.assert_close(gf.alpha, gr.alpha, rtol=1e-6, atol=0)
@@ -203,7 +213,17 @@ def test_capturable_mode_matches_reference(sample: AdafactorInput) -> None:
         if opt.global_clipnorm:
             scale = opt._global_grad_scale([(params, grads)])
         alpha, rms = _foreach.group_step(
-            *g.args(grads, lr=lr_t, noise=noise), scale, None, skipped, g.plan, capturable=True
+            *g.args(grads, lr=lr_t, noise=noise),
+            scale,
+            None,
+            skipped,
+            g.plan,
+            capturable=True,
+            kahan_comps=[
+                s.get("kahan_comp", torch.empty(0, dtype=torch.bfloat16)) for s in g.states
+            ]
+            if g.plan.kahan_summation
+            else [],
         )
     # the optimizer's last_step_stats are not filled on this path: compare the tensors only
     ref_params, ref_opt = ref
@@ -212,8 +232,7 @@ def test_capturable_mode_matches_reference(sample: AdafactorInput) -> None:
         sr, sf = ref_opt.state[pr], opt.state[pf]
         bf16_state = sr.get("exp_avg", pr).dtype == torch.bfloat16
         _assert_matches(pf.detach(), pr.detach(), f"{where} param", bf16_state)
-        for key in sr:
-            _assert_matches(sf[key], sr[key], f"{where} state[{key!r}]", bf16_state)
+        _assert_states_match(pr, pf, sr, sf, where, bf16_state)
     last = ref_opt.last_step_stats[0]
     assert last is not None
     torch.testing.assert_close(alpha, last.alpha, rtol=1e-6, atol=0)

@@ -53,6 +53,7 @@ def _op_args(opt: Adafactor) -> tuple[Any, ...]:
         momentum,
         emas,
         [],
+        [],
         [i for d in dims for i in (d if d is not None else (-1, -1))],
         torch.tensor(0.01, dtype=torch.float64),
         None,
@@ -174,7 +175,7 @@ def test_mismatched_grad_is_refused_before_anything_changes() -> None:
         (lambda a: a[3].__setitem__(0, torch.zeros(5, 5)), r"row_vars\[0\] has shape \(5, 5\)"),
         (lambda a: a.__setitem__(2, a[2][:1]), r"steps has 1 entries, expected 4"),
         (lambda a: a[1].__setitem__(0, a[1][0].to(torch.int32)), r"grads\[0\] has dtype"),
-        (lambda a: a.__setitem__(9, a[9][:-2]), r"factor_dims has 6 entries, expected 8"),
+        (lambda a: a.__setitem__(10, a[10][:-2]), r"factor_dims has 6 entries, expected 8"),
         (lambda a: a[5].__setitem__(0, torch.zeros(3)), r"variances\[0\] has shape \(3,\)"),
     ],
 )

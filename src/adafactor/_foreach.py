@@ -67,6 +67,7 @@ class _Bucket:
     exp_avgs: list[Tensor] = field(default_factory=list)
     emas: list[Tensor] = field(default_factory=list)
     noise: list[Tensor] = field(default_factory=list)
+    comps: list[Tensor] = field(default_factory=list)  # kahan_summation: bf16 compensations
     numel: int = 0
     t: float | None = None  # the step count of every tensor (host counters only)
 
@@ -95,12 +96,14 @@ def group_step(
     *,
     capturable: bool | None = None,
     bucket_numel: int | None = None,
+    kahan_comps: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
     """One step of a param group: the op's arguments (:mod:`adafactor.ops`), already checked.
 
     Returns ``(alpha, update_rms)``, float32, one entry per parameter, on the parameters' device.
     ``capturable`` (default: whether every step counter lives off the CPU) computes the per-step
-    scalars from the counters on the device; ``bucket_numel`` overrides :data:`BUCKET_NUMEL`.
+    scalars from the counters on the device; ``bucket_numel`` overrides :data:`BUCKET_NUMEL`;
+    ``kahan_comps``: the op's list of that name (used with ``plan.kahan_summation``).
     """
     n = len(params)
     device = params[0].device if n else lr.device
@@ -128,6 +131,7 @@ def group_step(
     for b in _buckets(
         params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims,
         capturable, BUCKET_NUMEL if bucket_numel is None else bucket_numel,
+        kahan_comps if plan.kahan_summation else (),
     ):  # fmt: skip
         _bucket_step(b, plan, lr_s, grad_scale, skip, alphas, rmss)
     if skip is not None:
@@ -149,6 +153,7 @@ def _buckets(
     factor_dims: Sequence[int],
     capturable: bool,
     limit: int,
+    kahan_comps: Sequence[Tensor] = (),
 ) -> list[_Bucket]:
     """The group's non-empty tensors in buckets of one kind and at most ``limit`` elements."""
     open_: dict[Any, _Bucket] = {}
@@ -169,10 +174,11 @@ def _buckets(
         m = exp_avgs[i] if exp_avgs else None
         e = emas[i] if emas else None
         nz = noise[i] if noise and noise[i].numel() else None
+        kc = kahan_comps[i] if kahan_comps and kahan_comps[i].numel() else None
         t = None if capturable else float(steps[i])  # a CPU tensor: no device sync
         key = (
             p.device, p.dtype, grads[i].dtype, dims is None, tuple(s.dtype for s in stats),
-            _key(m), _key(e), nz is not None, t,
+            _key(m), _key(e), nz is not None, kc is not None, t,
         )  # fmt: skip
         b = open_.get(key)
         if b is None or (b.numel and b.numel + p.numel() > limit):
@@ -194,6 +200,8 @@ def _buckets(
             b.emas.append(e)
         if nz is not None:
             b.noise.append(nz)
+        if kc is not None:
+            b.comps.append(kc)
         b.numel += p.numel()
     return out
 
@@ -444,6 +452,12 @@ def _bucket_step(
         if sr:
             assert len(b.noise) == n, "stochastic rounding needs the draws of rounding_noise()"
             X = [stochastic_round_to_bf16(x, nz) for x, nz in zip(X, b.noise)]
+        elif b.comps:  # Kahan: t = x + c; x = bf16(t); c = bf16(t - x)
+            torch._foreach_add_(X, _cast(b.comps, cdt))
+            rounded = _cast(X, torch.bfloat16)
+            torch._foreach_sub_(X, _cast(rounded, cdt))
+            _commit(b.comps, _cast(X, torch.bfloat16), skip)
+            X = rounded
         _commit(P, X, skip)
     del X
 

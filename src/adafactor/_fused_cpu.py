@@ -98,7 +98,7 @@ class FusedUnavailableError(RuntimeError):
 class _Args(ctypes.Structure):
     # Mirrors ``Args`` in csrc/adafactor_cpu.c field for field.
     _fields_ = [
-        *((name, ctypes.c_void_p) for name in ("g", "x", "m", "v", "noise", "row", "col")),
+        *((name, ctypes.c_void_p) for name in ("g", "x", "m", "v", "noise", "comp", "row", "col")),
         *((name, ctypes.c_void_p) for name in ("rstate", "cstate", "fr", "fc", "rm", "rsum")),
         *(
             (name, ctypes.c_int64)
@@ -227,6 +227,9 @@ def supports(param: Tensor, grad: Tensor, state: dict[str, Any]) -> bool:
         t = state.get(key)
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
             return False
+    k = state.get("kahan_comp")
+    if k is not None and (k.dtype != torch.bfloat16 or not k.is_contiguous()):
+        return False
     m = state.get("exp_avg")
     return m is None or (m.dtype in _DTYPES and m.is_contiguous())
 
@@ -419,8 +422,8 @@ def warn_stale_rms(stale: list[tuple[tuple[int, ...], float]]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Table columns, as the TI_* / TD_* / GD_* / GI_* enums of csrc/adafactor_cpu.c (af_layout checks
 # the widths at load).
-_TI_G, _TI_X, _TI_M, _TI_V, _TI_NOISE, _TI_RSTATE, _TI_CSTATE, _TI_STEP = range(8)
-_TI_NUMEL, _TI_R, _TI_B, _TI_C, _TI_D, _TI_ROWS, _TI_COLS, _TI_FLAGS, _TABLE_I = range(8, 17)
+_TI_G, _TI_X, _TI_M, _TI_V, _TI_NOISE, _TI_RSTATE, _TI_CSTATE, _TI_STEP, _TI_COMP = range(9)
+_TI_NUMEL, _TI_R, _TI_B, _TI_C, _TI_D, _TI_ROWS, _TI_COLS, _TI_FLAGS, _TABLE_I = range(9, 18)
 _TD_LR, _TD_RHO, _TD_W2, _TD_EPS1, _TD_CARRIED, _TD_ALPHA, _TD_RMS = range(7)
 _TD_NEW_SQ, _TD_OLD_SQ, _TD_STATUS, _TABLE_D = range(7, 11)
 _OVERFLOW = 2  # TD_STATUS (C: ERR_OVERFLOW): a finite gradient overflowed float32, left untouched
@@ -452,7 +455,7 @@ class GroupTables:
                 rows_total, cols_total = p.shape[d.row_dim], p.shape[d.col_dim]
             rows.append([p.numel(), R, B, C, D, rows_total, cols_total, flags])
         self.ints[:, _TI_NUMEL:] = torch.tensor(rows, dtype=torch.int64).reshape(n, -1)
-        self.ints[:, _TI_X : _TI_STEP + 1] = torch.tensor(self.key, dtype=torch.int64).reshape(
+        self.ints[:, _TI_X : _TI_COMP + 1] = torch.tensor(self.key, dtype=torch.int64).reshape(
             n, -1
         )
         self.flags = self.ints[:, _TI_FLAGS].clone()
@@ -462,10 +465,12 @@ class GroupTables:
 
 
 def _pointers(params: list[Tensor], states: list[dict[str, Tensor]]) -> list[int]:
-    """x, m, v, row_var, col_var, step pointers of every tensor (0 where absent), flat."""
+    """x, m, v, row_var, col_var, step, kahan_comp pointers of every tensor (0 where absent),
+    flat."""
     out = []
     for p, st in zip(params, states):
         m, v, r, c = st.get("exp_avg"), st.get("variance"), st.get("row_var"), st.get("col_var")
+        k = st.get("kahan_comp")
         out += [
             p.data_ptr(),
             m.data_ptr() if m is not None else 0,
@@ -474,6 +479,7 @@ def _pointers(params: list[Tensor], states: list[dict[str, Tensor]]) -> list[int
             r.data_ptr() if r is not None else 0,
             c.data_ptr() if c is not None else 0,
             st["step"].data_ptr(),
+            k.data_ptr() if k is not None and k.numel() else 0,
         ]
     return out
 

@@ -108,6 +108,7 @@ class GroupPlan:
     ema_overwrite_frequency: int | None
     impl: int  # Impl
     carry_param_rms: bool
+    kahan_summation: bool = False  # bf16 parameters: compensated write-back (kahan_comp)
 
     @classmethod
     def schema_args(cls) -> str:
@@ -151,6 +152,7 @@ def plan_of(group: dict[str, Any], *, impl: str, carry_param_rms: bool) -> Group
         ema_overwrite_frequency=group["ema_overwrite_frequency"],
         impl=int(Impl.of(impl)),
         carry_param_rms=carry_param_rms,
+        kahan_summation=bool(group.get("kahan_summation", False)),
     )
 
 

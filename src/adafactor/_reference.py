@@ -39,6 +39,7 @@ __all__ = [
     "apply_update",
     "compute_dtype",
     "grad_square_sums",
+    "kahan_round_to_bf16",
     "rounding_noise",
     "stochastic_round_to_bf16",
     "update_factors",
@@ -274,8 +275,22 @@ def apply_update(ts: TensorStep, update_sq_sum: Tensor, noise: Tensor | None = N
     if ts.param.dtype == torch.bfloat16 and plan.stochastic_rounding:
         assert noise is not None, "stochastic rounding needs the draws of rounding_noise()"
         ts.param.copy_(stochastic_round_to_bf16(x, noise))
+    elif ts.param.dtype == torch.bfloat16 and plan.kahan_summation and "kahan_comp" in state:
+        ts.param.copy_(kahan_round_to_bf16(x, state["kahan_comp"]))
     else:
         ts.param.copy_(x)
+
+
+def kahan_round_to_bf16(x: Tensor, comp: Tensor) -> Tensor:
+    r"""Round float32 ``x`` to bfloat16 with error feedback through the bf16 buffer ``comp``:
+
+    :math:`t = x + c;\ x_{bf16} = \mathrm{round}(t);\ c \leftarrow \mathrm{bf16}(t - x_{bf16})`.
+    The part of an update that rounding drops is carried into the next step's write instead of
+    being lost, so updates far below one bf16 ulp accumulate. Updates ``comp`` in place."""
+    t = x.to(torch.float32) + comp.to(torch.float32)
+    rounded = t.to(torch.bfloat16)
+    comp.copy_(t - rounded.to(torch.float32))
+    return rounded
 
 
 def rounding_noise(param: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -73,6 +73,7 @@ GROUP_KEYS = (
     "stochastic_rounding",
     "use_ema",
     "skip_nonfinite",
+    "kahan_summation",
     "beta1",
     "momentum_kind",
     "momentum_dtype",
@@ -86,7 +87,7 @@ GROUP_KEYS = (
     "ema_momentum",
     "ema_overwrite_frequency",
 )
-_FLAGS = GROUP_KEYS[8:16]
+_FLAGS = GROUP_KEYS[8:17]
 _group_values = operator.itemgetter(*GROUP_KEYS)
 
 # What check_group_cached returns: the group's values when they last passed check_group (kept
@@ -352,6 +353,12 @@ def _check_group(group: dict[str, Any]) -> None:
     for flag in _FLAGS:
         if type(group[flag]) is not bool:
             raise TypeError(f"{flag} must be True or False, got {_show(group[flag])}")
+    if group["kahan_summation"] and group["stochastic_rounding"]:
+        raise ValueError(
+            "kahan_summation=True and stochastic_rounding=True are mutually exclusive: both "
+            "replace the round-to-nearest write-back of bf16 parameters (Kahan keeps the rounding "
+            "error in a bf16 compensation buffer, stochastic rounding randomises it); pick one"
+        )
     if group["warmup_init"] and not group["relative_step"]:
         raise ValueError(
             "warmup_init=True caps the relative step size rho_t and needs relative_step=True; "

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["load_state_dict", "migrate_group", "torch_state_dict", "translate_group"]
 
 # Every tensor key the optimizer may keep per parameter (torch.optim.Adafactor's names first).
-STATE_KEYS = ("step", "row_var", "col_var", "variance", "exp_avg", "ema")
+STATE_KEYS = ("step", "row_var", "col_var", "variance", "exp_avg", "ema", "kahan_comp")
 
 
 def load_state_dict(opt: Adafactor, state_dict: dict[str, Any]) -> None:

@@ -72,6 +72,11 @@ def adafactor(
     if has_dtensor(params):  # sharded parameters: local passes plus batched collectives
         from .distributed.dtensor import sharded_adafactor_step
 
+        if plan.kahan_summation and any(p.dtype == torch.bfloat16 for p in params):
+            raise NotImplementedError(
+                "kahan_summation=True is not implemented for DTensor (sharded) parameters yet; "
+                "use stochastic_rounding=True for bf16 parameters under FSDP2 / tensor parallel"
+            )
         if found_inf is not None and bool(found_inf):  # decided alike on every rank
             group["skipped_steps"] += 1
             zeros = torch.zeros(len(params), dtype=torch.float32)
@@ -91,6 +96,9 @@ def adafactor(
     noise: list[Tensor] = []
     if plan.stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params):
         noise = [_noise(p, generator) for p in params]
+    kahan_comps: list[Tensor] = []
+    if plan.kahan_summation and any(p.dtype == torch.bfloat16 for p in params):
+        kahan_comps = [_comp(p, state) for p, state in zip(params, states)]
     lr_tensor = _as_tensor(lr_t)
     alpha, update_rms = torch.ops.adafactor.step_(
         params,
@@ -102,6 +110,7 @@ def adafactor(
         [state["exp_avg"] for state in states] if plan.momentum != Momentum.NONE else [],
         [state["ema"] for state in states] if plan.use_ema else [],
         noise,
+        kahan_comps,
         [i for d in dims for i in (d if d is not None else (-1, -1))],
         lr_tensor,
         global_grad_scale,
@@ -126,6 +135,12 @@ _EMPTY_NOISE = torch.empty(0, dtype=torch.int32)
 def _noise(p: Tensor, generator: torch.Generator | None) -> Tensor:
     # the reference's draws, in parameter order; float32 parameters are never rounded
     return rounding_noise(p, generator) if p.dtype == torch.bfloat16 else _EMPTY_NOISE
+
+
+def _comp(p: Tensor, state: dict[str, Any]) -> Tensor:
+    # non-bf16 parameters keep no compensation: a fresh empty tensor (mutated lists must not alias)
+    comp = state.get("kahan_comp")
+    return comp if comp is not None else p.new_empty(0, dtype=torch.bfloat16)
 
 
 _DIMS: dict[tuple[Any, ...], FactorDims | None] = {}

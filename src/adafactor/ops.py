@@ -23,14 +23,16 @@ Schema (the plan's options follow in :class:`adafactor._plan.GroupPlan` order)::
 
     step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars,
           Tensor(d!)[] col_vars, Tensor(e!)[] variances, Tensor(f!)[] exp_avgs,
-          Tensor(g!)[] emas, Tensor[] noise, int[] factor_dims, Tensor lr,
-          Tensor? grad_scale, Tensor? found_inf, Tensor(h!) skipped_steps, <plan>)
+          Tensor(g!)[] emas, Tensor[] noise, Tensor(i!)[] kahan_comps, int[] factor_dims,
+          Tensor lr, Tensor? grad_scale, Tensor? found_inf, Tensor(h!) skipped_steps, <plan>)
         -> (Tensor alpha, Tensor update_rms)
 
 ``row_vars``/``col_vars`` hold the factored tensors' statistics in order, ``variances`` the
 others'; ``factor_dims`` holds two entries per parameter (``-1, -1``: not factored);
 ``exp_avgs``, ``emas`` and ``noise`` are empty or hold one tensor per parameter (``noise``: the
-stochastic-rounding draws of bf16 parameters, empty tensors for the others). ``steps`` are the
+stochastic-rounding draws of bf16 parameters, empty tensors for the others; ``kahan_comps``:
+with ``kahan_summation`` the bf16 compensation buffers of bf16 parameters, empty tensors for the
+others, updated with them). ``steps`` are the
 float64 step counters, advanced by the op. With ``found_inf`` nonzero the op changes nothing but
 ``skipped_steps += 1`` (and reports ``alpha = 0``). ``alpha`` and ``update_rms`` are float32, one
 entry per parameter: :math:`\\alpha_t` and RMS(U) before update clipping.
@@ -55,11 +57,11 @@ __all__ = ["SCHEMA", "OpArgs", "check_inputs", "step_", "update_ema"]
 SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars, "
     "Tensor(d!)[] col_vars, Tensor(e!)[] variances, Tensor(f!)[] exp_avgs, Tensor(g!)[] emas, "
-    "Tensor[] noise, int[] factor_dims, Tensor lr, Tensor? grad_scale, Tensor? found_inf, "
-    f"Tensor(h!) skipped_steps, {GroupPlan.schema_args()}) -> (Tensor, Tensor)"
+    "Tensor[] noise, Tensor(i!)[] kahan_comps, int[] factor_dims, Tensor lr, Tensor? grad_scale, "
+    f"Tensor? found_inf, Tensor(h!) skipped_steps, {GroupPlan.schema_args()}) -> (Tensor, Tensor)"
 )
 _MUTATED = ("params", "steps", "row_vars", "col_vars", "variances", "exp_avgs", "emas")
-_MUTATED += ("skipped_steps",)
+_MUTATED += ("kahan_comps", "skipped_steps")
 
 
 class OpArgs(NamedTuple):
@@ -74,6 +76,7 @@ class OpArgs(NamedTuple):
     exp_avgs: list[Tensor]
     emas: list[Tensor]
     noise: list[Tensor]
+    kahan_comps: list[Tensor]
     factor_dims: list[int]
     lr: Tensor
     grad_scale: Tensor | None
@@ -104,6 +107,7 @@ def check_inputs(
     exp_avgs: Sequence[Tensor],
     emas: Sequence[Tensor],
     noise: Sequence[Tensor],
+    kahan_comps: Sequence[Tensor],
     factor_dims: Sequence[int],
 ) -> None:
     """Every tensor against its parameter: count, shape, device, dtype, layout. Raises ValueError
@@ -120,15 +124,20 @@ def check_inputs(
         "col_vars": (len(col_vars), factored),
         "variances": (len(variances), n - factored),
     }
-    for name, seq in (("exp_avgs", exp_avgs), ("emas", emas), ("noise", noise)):
+    for name, seq in (
+        ("exp_avgs", exp_avgs),
+        ("emas", emas),
+        ("noise", noise),
+        ("kahan_comps", kahan_comps),
+    ):
         counts[name] = (len(seq), n if seq else 0)
     for name, (got, want) in counts.items():
         if got != want:
             raise ValueError(f"adafactor.step_: {name} has {got} entries, expected {want}")
     if not _all_fit(params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise,
-                    factor_dims):  # fmt: skip
+                    kahan_comps, factor_dims):  # fmt: skip
         _explain(params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise,
-                 factor_dims)  # fmt: skip
+                 kahan_comps, factor_dims)  # fmt: skip
 
 
 _STATE_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16))
@@ -157,6 +166,16 @@ def _fits(t: Tensor, shape: torch.Size, device: torch.device) -> bool:
     )
 
 
+def _comp_fits(k: Tensor, p: Tensor, shape: torch.Size, device: torch.device) -> bool:
+    return (
+        p.dtype == torch.bfloat16
+        and k.shape == shape
+        and k.device == device
+        and k.dtype == torch.bfloat16
+        and k.layout == torch.strided
+    )
+
+
 def _all_fit(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -167,6 +186,7 @@ def _all_fit(
     exp_avgs: Sequence[Tensor],
     emas: Sequence[Tensor],
     noise: Sequence[Tensor],
+    kahan_comps: Sequence[Tensor],
     factor_dims: Sequence[int],
 ) -> bool:
     """The common case in one quick pass (a few attribute reads per tensor); :func:`_explain`
@@ -198,6 +218,9 @@ def _all_fit(
         z = noise[i] if noise else None
         if z is not None and z.numel() and (z.shape != shape or z.dtype != torch.int32):
             return False
+        k = kahan_comps[i] if kahan_comps else None
+        if k is not None and k.numel() and not _comp_fits(k, p, shape, device):
+            return False
     return True
 
 
@@ -211,6 +234,7 @@ def _explain(
     exp_avgs: Sequence[Tensor],
     emas: Sequence[Tensor],
     noise: Sequence[Tensor],
+    kahan_comps: Sequence[Tensor],
     factor_dims: Sequence[int],
 ) -> None:
     """Raise the error that names the first tensor that does not fit its parameter."""
@@ -253,6 +277,17 @@ def _explain(
         if noise and noise[i].numel():
             _same(f"noise[{i}]", noise[i], p, "shape", tuple(p.shape), tuple(noise[i].shape))
             _same(f"noise[{i}]", noise[i], p, "dtype", torch.int32, noise[i].dtype)
+        if kahan_comps and kahan_comps[i].numel():
+            k, name = kahan_comps[i], f"kahan_comps[{i}]"
+            _same(name, k, p, "shape", tuple(p.shape), tuple(k.shape))
+            _same(name, k, p, "device", p.device, k.device)
+            _same(name, k, p, "layout", torch.strided, k.layout)
+            _same(name, k, p, "dtype", torch.bfloat16, k.dtype)
+            if p.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"adafactor.step_: {name} is a Kahan compensation buffer, but its parameter "
+                    f"has dtype {p.dtype}; only bfloat16 parameters take one (pass an empty tensor)"
+                )
     raise AssertionError("adafactor.step_: an input check failed without a reason")  # not reached
 
 
@@ -334,6 +369,7 @@ def _states(
     exp_avgs: Sequence[Tensor],
     emas: Sequence[Tensor],
     factor_dims: Sequence[int],
+    kahan_comps: Sequence[Tensor] = (),
 ) -> tuple[list[dict[str, Tensor]], list[FactorDims | None]]:
     """Per-parameter state dicts (the reference's view) and factored dims from the flat lists."""
     states, dims = [], []
@@ -351,6 +387,8 @@ def _states(
             st["exp_avg"] = exp_avgs[i]
         if emas:
             st["ema"] = emas[i]
+        if kahan_comps and kahan_comps[i].numel():
+            st["kahan_comp"] = kahan_comps[i]
         states.append(st)
         dims.append(d)
     return states, dims
@@ -360,8 +398,8 @@ def _run(on_cpu: bool, op: OpArgs, plan: GroupPlan) -> tuple[Tensor, Tensor]:
     """The CPU (``on_cpu``) and reference implementations: the kernel chosen by ``plan.impl`` for
     the tensors it supports, the reference math for the rest."""
     check_inputs(*op[: len(_CHECKED)])
-    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims,
-     lr, grad_scale, found_inf, skipped_steps) = op  # fmt: skip
+    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, kahan_comps,
+     factor_dims, lr, grad_scale, found_inf, skipped_steps) = op  # fmt: skip
     n = len(params)
     device = params[0].device if params else lr.device
     alphas = torch.zeros(n, dtype=torch.float32, device=device)
@@ -369,8 +407,10 @@ def _run(on_cpu: bool, op: OpArgs, plan: GroupPlan) -> tuple[Tensor, Tensor]:
     if found_inf is not None and bool(found_inf):  # skip_nonfinite: change nothing
         skipped_steps.add_(1)
         return alphas, rmss
+    if not plan.kahan_summation:  # the buffers are used only with the option
+        kahan_comps = []
     states, dims = _states(
-        params, steps, row_vars, col_vars, variances, exp_avgs, emas, factor_dims
+        params, steps, row_vars, col_vars, variances, exp_avgs, emas, factor_dims, kahan_comps
     )
     fast: list[int] = []
     if plan.impl == Impl.TRITON:  # opt-in: kernels not yet run on a GPU
@@ -525,7 +565,8 @@ def _step_cuda(*args: Any) -> tuple[Tensor, Tensor]:
     if plan.impl not in (Impl.AUTO, Impl.FUSED):
         return _run(False, op, plan)
     check_inputs(*op[: len(_CHECKED)])
-    return _foreach.group_step(*op, plan)
+    k = OpArgs._fields.index("kahan_comps")  # a keyword of the foreach step
+    return _foreach.group_step(*op[:k], *op[k + 1 :], plan, kahan_comps=op.kahan_comps)
 
 
 @step_.register_fake

@@ -75,6 +75,7 @@ _GROUP_DEFAULTS: dict[str, Any] = {
     "state_dtype": None,
     "stochastic_rounding": False,
     "skip_nonfinite": False,
+    "kahan_summation": False,
 }
 
 # Constructor options kept on the optimizer itself (not per group), with their defaults.
@@ -182,6 +183,10 @@ class Adafactor(Optimizer):
         state_dtype: dtype of the second-moment state and EMA; default float32 (float64 for
             float64 parameters), whatever the parameter dtype.
         stochastic_rounding: round bf16 parameters stochastically when writing them back.
+        kahan_summation: write bf16 parameters back with Kahan-style error feedback: the part of
+            each update lost to rounding is kept in a bf16 buffer (state ``"kahan_comp"``, the
+            parameter's shape, bf16 parameters only: 2 bytes per element) and added to the next
+            write, so updates below one bf16 ulp accumulate. Not with ``stochastic_rounding``.
         skip_nonfinite: skip the whole group's step (no state change) when any of its gradients
             holds inf or NaN, and count it in ``group["skipped_steps"]`` (a 0-d tensor: no host
             sync). With ``global_clipnorm`` a non-finite gradient in any group skips every group.
@@ -262,6 +267,7 @@ class Adafactor(Optimizer):
         state_dtype: torch.dtype | None = _default(None),
         stochastic_rounding: bool = _default(False),
         skip_nonfinite: bool = _default(False),
+        kahan_summation: bool = _default(False),
         impl: str = "auto",
         carry_param_rms: bool = True,
         generator: torch.Generator | None = None,
@@ -391,6 +397,8 @@ class Adafactor(Optimizer):
             out["exp_avg"] = (shape, group["momentum_dtype"] or sdtype)
         if group["use_ema"]:
             out["ema"] = (shape, sdtype)
+        if group.get("kahan_summation") and p.dtype == torch.bfloat16:
+            out["kahan_comp"] = (shape, torch.bfloat16)
         return out
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -419,6 +427,8 @@ class Adafactor(Optimizer):
         if "step" not in state:
             return self._init_state(p, group)
         if (group["beta1"] and "exp_avg" not in state) or (group["use_ema"] and "ema" not in state):
+            return self._init_state(p, group)
+        if group["kahan_summation"] and p.dtype == torch.bfloat16 and "kahan_comp" not in state:
             return self._init_state(p, group)
         if ("variance" in state) != (_dims_of(p, group) is None):
             return self._init_state(p, group)

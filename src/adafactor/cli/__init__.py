@@ -22,9 +22,11 @@ _SUBCOMMANDS = {
     "demo": "Train a small Transformer with Adafactor beside AdamW and compare them.",
     "reproduce": "Run the paper's Table 2 ablation at small scale.",
     "bench": "Time this project's step against torch.optim.Adafactor and fused AdamW.",
+    "quality": "Resumable sweep: Adafactor configurations against tuned AdamW at several lengths.",
 }
 # What each subcommand imports from the [cli] extra: the plots and the progress bar.
 EXTRAS = {"demo": ("matplotlib", "tqdm"), "reproduce": ("matplotlib", "tqdm"), "bench": ()}
+EXTRAS["quality"] = ("matplotlib", "tqdm")
 INSTALL_HINT = "pip install 'adafactor[cli]' (in a source checkout: pip install '.[cli]')"
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (Ctrl-C)
 

@@ -50,6 +50,7 @@ typedef struct {
     void *m;          /* exp_avg (mdt) or NULL */
     float *v;         /* full second moment (unfactored) or NULL */
     const int32_t *noise; /* stochastic-rounding noise (numel int32 in [0, 2^16)) or NULL */
+    uint16_t *comp;   /* kahan_summation: the bf16 compensation of a bf16 x (numel), or NULL */
     double *row;      /* pass 1 out: row sums of g^2, [A*R*B*D] */
     double *col;      /* pass 1 out: col sums of g^2, [A*B*L] */
     float *rstate;    /* row_var [A*R*B*D] */
@@ -651,6 +652,7 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
     void *restrict x = a->x;
     const void *restrict g = a->g;
     const int32_t *restrict noise = a->noise;
+    uint16_t *restrict comp = a->comp;
     float acc = 0.0f; /* sum of u^2 of one segment; float64 across segments */
     i64 j0 = 0;
 #ifdef AF_AVX512
@@ -710,10 +712,15 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
             }
             const float xv = ldf(x, i, bf);
             float xn = (xv * f1 - xv * f2) - upd;
-            if (SR) { /* stochastic rounding: add 16 random low bits, truncate */
+            if (SR == 1) { /* stochastic rounding: add 16 random low bits, truncate */
                 uint32_t b;
                 memcpy(&b, &xn, 4);
                 ((uint16_t *)x)[i] = (uint16_t)((b + (uint32_t)noise[i]) >> 16);
+            } else if (SR == 2) { /* Kahan: t = x + c; x = bf16(t); c = bf16(t - x) */
+                const float t = xn + bf2f(comp[i]);
+                const float r = rnd(t, 1);
+                comp[i] = f2bf(t - r);
+                st_rounded(x, i, 1, r);
             } else {
                 stf(x, i, bf, xn);
             }
@@ -767,14 +774,17 @@ AI void elem_range(Args *a, const int PASS, const int MODE, const int bf, const 
 
 __attribute__((noinline)) static void elem_generic(Args *a, int pass, i64 lo, i64 hi, i64 L,
                                                    double *seg, double *segv) {
-    elem_range(a, pass, a->mode, a->dt, a->mom, a->mdt, 0, pass == 3 && a->dt && a->noise, lo,
-               hi, L, seg, segv);
+    /* SR: 1 stochastic rounding, 2 Kahan summation (pass 3 of a bf16 x), else 0 */
+    const int sr = pass == 3 && a->dt ? (a->comp ? 2 : a->noise ? 1 : 0) : 0;
+    elem_range(a, pass, a->mode, a->dt, a->mom, a->mdt, 0, sr, lo, hi, L, seg, segv);
 }
 
 #define RARGS lo, hi, L, seg, segv
 __attribute__((noinline)) static void elem_dispatch(Args *a, int pass, i64 lo, i64 hi, i64 L,
                                                     double *seg, double *segv) {
-    if (!((a->mode == MODE_FACT_ADD && a->D == 1) || a->mode == MODE_FULL_ADD)) {
+    /* Kahan's write (rare: pure-bf16 training) takes the generic body, not the row kernels */
+    if (!((a->mode == MODE_FACT_ADD && a->D == 1) || a->mode == MODE_FULL_ADD) ||
+        (pass == 3 && a->dt && a->comp)) {
         elem_generic(a, pass, lo, hi, L, seg, segv);
     } else if (pass == 2) {
         if (a->dt) ELEM_MODES(ELEM2, 1, 0);
@@ -885,8 +895,8 @@ EXPORT void af_step(Args *a) {
 /* ------------------------------------------------------------------------------------------- */
 /* Per tensor, TABLE_I int64 (pointers, layout, flags) and TABLE_D float64 (this step's scalars in,
  * its statistics out); per group, the options in GROUP_D / GROUP_I. Layouts: _fused_cpu.py. */
-enum { TI_G, TI_X, TI_M, TI_V, TI_NOISE, TI_RSTATE, TI_CSTATE, TI_STEP, TI_NUMEL, TI_R, TI_B, TI_C, TI_D,
-       TI_ROWS, TI_COLS, TI_FLAGS, TABLE_I };
+enum { TI_G, TI_X, TI_M, TI_V, TI_NOISE, TI_RSTATE, TI_CSTATE, TI_STEP, TI_COMP, TI_NUMEL, TI_R,
+       TI_B, TI_C, TI_D, TI_ROWS, TI_COLS, TI_FLAGS, TABLE_I };
 enum { TD_LR, TD_RHO, TD_W2, TD_EPS1, TD_CARRIED, TD_ALPHA, TD_RMS, TD_NEW_SQ, TD_OLD_SQ,
        TD_STATUS, TABLE_D };
 enum { GD_SIGN, GD_CLIPV, GD_W1, GD_EPS2, GD_WD, GD_CLIPNORM, GD_CLIP_D, GD_GSCALE, GROUP_D };
@@ -906,6 +916,7 @@ static int group_tensor(const i64 *ti, double *td, const double *gd, const i64 *
     a.m = (void *)ti[TI_M];
     a.v = (float *)ti[TI_V];
     a.noise = (const int32_t *)ti[TI_NOISE];
+    a.comp = (flags & F_BF16) ? (uint16_t *)ti[TI_COMP] : NULL;
     a.numel = a.numel_total = ti[TI_NUMEL];
     a.R = ti[TI_R], a.B = ti[TI_B], a.C = ti[TI_C], a.D = ti[TI_D];
     a.rows_total = ti[TI_ROWS], a.cols_total = ti[TI_COLS];

@@ -675,6 +675,8 @@ def supports(
     param: Tensor, grad: Tensor, state: dict[str, Any], plan: GroupPlan, dims: FactorDims | None
 ) -> bool:
     """Whether these kernels handle the tensor under ``plan`` (else use the reference)."""
+    if plan.kahan_summation:  # not implemented in these kernels: the reference's write-back
+        return False
     if type(param) is not torch.Tensor and not isinstance(param, torch.nn.Parameter):
         return False
     if param.dtype not in (torch.float32, torch.bfloat16) or grad.dtype not in _TL_DTYPES:
