@@ -104,12 +104,16 @@ def prepare(
     ``shape`` is the unsharded shape (defaults to ``param.shape``); ``dims`` its factored dims.
     """
     shape = tuple(param.shape) if shape is None else tuple(shape)
-    g = grad.to(compute_dtype(param.dtype))
+    stats = [state[k] for k in ("row_var", "col_var", "variance") if k in state]
+    dtype = compute_dtype(param.dtype)
+    if any(t.dtype == torch.float64 for t in stats):  # float64 statistics: float64 math
+        dtype = torch.float64
+    g = grad.to(dtype)
     if plan.maximize:
         g = -g
     if plan.clipvalue is not None:
         g = g.clamp(-plan.clipvalue, plan.clipvalue)
-    return TensorStep(
+    ts = TensorStep(
         param=param,
         grad=g,
         state=state,
@@ -119,6 +123,9 @@ def prepare(
         shape=shape,
         scalars=scalars,
     )
+    if dtype == torch.float64 and any(t.dtype != torch.float64 for t in stats):
+        ts.wide = {}  # float64 math, narrower statistics: store them saturated (see _average)
+    return ts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,14 +216,16 @@ def update_square_sum(ts: TensorStep) -> Tensor:
         col_var = wide.get("col_var", state["col_var"]).to(g.dtype)
         row_mean = ts.row_var_mean
         if row_mean is None:  # a shard's rows alone would give a local mean
-            row_mean = row_var.mean(ts.dims.row_dim, keepdim=True)
+            # (in float64: R of a saturated row would overflow a float32 sum)
+            row_mean = row_var.mean(ts.dims.row_dim, keepdim=True, dtype=torch.float64)
+            row_mean = row_mean.to(g.dtype)
         if clamp:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
             v_hat = (row_var * col_var / row_mean.clamp(min=eps1)).clamp(min=eps1 * eps1)
         else:
             # 1/sqrt(V_hat) as the product of a per-row and a per-column factor: the same value
             # computed on the small vectors, and no underflow of R C / mean(R) to 0 (which would
             # give U = inf) when the statistics span more than float32's range after an outlier
-            inv_row = (row_var / row_mean).sqrt().reciprocal()
+            inv_row = row_mean.sqrt() / row_var.sqrt()  # R / mean(R) could underflow to 0
             inv_col = col_var.sqrt().reciprocal()
     else:
         new_sq = g.square() if clamp else g.square() + eps1
@@ -232,7 +241,7 @@ def update_square_sum(ts: TensorStep) -> Tensor:
         ts.update = numerator * inv_row * inv_col
     else:
         ts.update = numerator * v_hat.rsqrt()
-    return ts.update.square().sum()
+    return ts.update.square().sum(dtype=torch.float64)  # (a float32 sum of U^2 can overflow)
 
 
 # ---------------------------------------------------------------------------------------------

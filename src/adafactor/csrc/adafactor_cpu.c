@@ -517,7 +517,8 @@ EXPORT void af_factor_scales(Args *a) {
                         a->fr[i] = a->rstate[i];
                         a->rm[i] = mean > a->eps1 ? mean : a->eps1;
                     } else {
-                        a->fr[i] = 1.0f / sqrtf(a->rstate[i] / mean);
+                        /* sqrt(mean) / sqrt(R): R / mean would underflow to 0 beside a huge row */
+                        a->fr[i] = sqrtf(mean) / sqrtf(a->rstate[i]);
                     }
                 }
             }
@@ -850,12 +851,15 @@ EXPORT void af_apply(Args *a) {
  * wrote only its own buffers, so the caller can step this tensor in float64 instead (the
  * reference's wide path) and nothing here is half done. A non-finite gradient is not an overflow:
  * it propagates as in every reference. */
+static int beyond_f32(double v) { return !(fabs(v) <= 3.4028234663852886e38); } /* NaN too */
+
 static int overflowed(const Args *a) {
     int bad = !isfinite(a->out[0]);
     const int factored = a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP;
-    if (!bad && factored) {
-        const i64 ncol = a->numel / a->R;
-        for (i64 k = 0; k < ncol && !bad; k++) bad = !isfinite(a->col[k]);
+    if (!bad && factored) { /* the row and col sums become float32 in the moving averages */
+        const i64 ncol = a->numel / a->R, nrow = a->numel / a->C;
+        for (i64 k = 0; k < ncol && !bad; k++) bad = beyond_f32(a->col[k]);
+        for (i64 k = 0; k < nrow && !bad; k++) bad = beyond_f32(a->row[k]);
     }
     if (!bad) return 0;
     const int bf = a->dt;
