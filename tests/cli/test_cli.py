@@ -57,6 +57,7 @@ def test_every_option_has_plain_help_text() -> None:
         "adafactor demo",
         "adafactor reproduce",
         "adafactor bench",
+        "adafactor quality",
     ]
     for parser in parsers:
         text = parser.format_help()  # also raises on a stray % in a help text
@@ -67,7 +68,7 @@ def test_every_option_has_plain_help_text() -> None:
                 continue
             if isinstance(action, argparse._SubParsersAction):
                 helps = [choice.help for choice in action._choices_actions]
-                assert len(helps) == 3 and all(h and "`" not in h for h in helps)
+                assert len(helps) == 4 and all(h and "`" not in h for h in helps)
                 continue
             where = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
             assert action.help and action.help.strip(), f"{where} has no help text"
