@@ -403,7 +403,11 @@ def _cell_rows(
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], dict[str, Any]]]:
     refs = {}
     rows = []
-    for r in sorted(records, key=lambda r: (r["length"], r["seed"], CONFIGS.index(r["config"]))):
+
+    def order(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["length"], r["seed"], CONFIGS.index(r["config"]), r["params"].get("lr", 0))
+
+    for r in sorted(records, key=order):
         ref = index.adamw(r["length"], r["seed"], tune_seed)
         if ref is not None:
             refs[(r["length"], r["seed"])] = ref
@@ -623,7 +627,9 @@ def _plot(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> No
             continue
         xs, ys = zip(*means)
         style = "--" if config == "momentum_bf16" else "-"  # it may lie on top of fp32's line
-        axes.plot(xs, ys, style, color=color, lw=1.5, label=f"{config} (mean over seeds)")
+        axes.plot(
+            xs, ys, style, marker="x", color=color, lw=1.5, label=f"{config} (x: mean over seeds)"
+        )
         for row in rows:
             if row["config"] == config and row["role"] != "sweep" and row["ratio"] is not None:
                 marker = markers[seeds.index(row["seed"]) % len(markers)]
