@@ -3,7 +3,7 @@
 ``csrc/adafactor_cpu.c`` is compiled at first use with the system C compiler (``$CC``, else
 ``cc``/``gcc``) into ``$ADAFACTOR_CACHE_DIR`` (default ``~/.cache/adafactor``), keyed by a hash
 of the source, flags and CPU, and called through :mod:`ctypes` with data pointers: no torch
-headers, about one second to build, nothing to build at install time.
+headers, a few seconds to build (:mod:`adafactor._build`), nothing to build at install time.
 
 Memory traffic per tensor (factored, no momentum): pass 1 reads g (and x, unless RMS(x) is
 carried from the previous step's pass 3), pass 2 reads g, pass 3 reads g and x and writes x. U is
@@ -13,15 +13,15 @@ reference's random stream exactly).
 
 Numerics: element math in float32 like the reference; sums are float32 within a row or segment
 and float64 across them, added in order (thread-count independent). Differences from the
-reference are a few float32 ulps (e.g. ``g * (1/sqrt(R/mean R)) * (1/sqrt(C))`` for
-``g * rsqrt(R/mean R * C)``). The scalars between the passes (clip scale, alpha_t, RMS(U), the
+reference are a few float32 ulps. The scalars between the passes (clip scale, alpha_t, RMS(U), the
 clip factor) are computed in C from the group's options, in float64 like Python floats.
 
-:func:`tensor_step` runs an unsharded tensor's whole step in one call into the kernel. The
-passes are also separate entry points on a *local* tensor (:func:`prepare`,
-:func:`grad_square_sums`, :func:`finish_statistics`, :func:`update_square_sum`,
-:func:`apply_update`), mirroring :mod:`adafactor._reference`, so a sharded driver can all-reduce
-the pass-1 and pass-2 sums between them.
+:func:`group_step` runs the whole step of every unsharded tensor of a param group in one call
+into the kernel (the registered op's CPU implementation). The passes are also separate entry
+points on a *local* tensor (:func:`prepare`, :func:`grad_square_sums`,
+:func:`finish_statistics`, :func:`update_square_sum`, :func:`apply_update`), mirroring
+:mod:`adafactor._reference`, so a sharded driver can all-reduce the pass-1 and pass-2 sums
+between them.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ _MODES = {
     (False, Eps1Mode.ADD): 2,
     (False, Eps1Mode.CLAMP): 3,
 }
-_ENTRY_POINTS = ("af_stats", "af_finish", "af_factor_scales", "af_update_sq", "af_apply", "af_step")
-_X_FUSED, _X_SUMSQ = 1, 2  # Args.want_x: how pass 1 sums x^2 (see the C enum)
+# the per-pass entry points of the sharded driver (af_group_step runs af_step inside the kernel)
+_ENTRY_POINTS = ("af_stats", "af_finish", "af_factor_scales", "af_update_sq", "af_apply")
+_X_FUSED = 1  # Args.want_x: pass 1 sums x^2 in its loop over g (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 # The carried sum of x^2 lives on the parameter itself: (data_ptr, version, sum), or False once a
@@ -240,7 +241,6 @@ class FusedStep:
     __slots__ = (
         "alpha",
         "args",
-        "carry",
         "dims",
         "keep",
         "numel",
@@ -248,14 +248,12 @@ class FusedStep:
         "plan",
         "shape",
         "sizes",
-        "stale_rms",
         "state",
         "update_rms",
     )
 
     def __init__(self) -> None:
         self.keep: list[Tensor] = []  # tensors whose pointers the argument block holds
-        self.stale_rms: float | None = None  # set when the carried sum proved stale
 
     def work(self, index: int) -> Tensor:
         """A view of the float64 work buffer: 0 row sums, 1 col sums of g^2, 2 sums of R over
@@ -292,7 +290,6 @@ def prepare(
     fs.param, fs.state, fs.plan, fs.dims = param, state, plan, dims
     fs.shape = tuple(param.shape) if shape is None else tuple(shape)
     fs.numel = math.prod(fs.shape)
-    fs.carry = False
     a = _Args()
     a.g, a.x = grad.data_ptr(), param.data_ptr()
     a.numel, a.numel_total = param.numel(), fs.numel
