@@ -84,7 +84,7 @@ class OpArgs(NamedTuple):
     skipped_steps: Tensor
 
 
-_CHECKED = OpArgs._fields[: OpArgs._fields.index("factor_dims") + 1]  # what check_inputs takes
+_CHECKED = OpArgs._fields[: OpArgs._fields.index("factor_dims") + 1]  # what the checks read
 
 
 def _split(args: Sequence[Any]) -> tuple[OpArgs, GroupPlan]:
@@ -97,21 +97,11 @@ def _dims(factor_dims: Sequence[int], i: int) -> FactorDims | None:
     return None if r < 0 else FactorDims(r, c)
 
 
-def check_inputs(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    noise: Sequence[Tensor],
-    kahan_comps: Sequence[Tensor],
-    factor_dims: Sequence[int],
-) -> None:
+def check_inputs(op: OpArgs) -> None:
     """Every tensor against its parameter: count, shape, device, dtype, layout. Raises ValueError
     (or TypeError for dtypes) naming the tensor, the expected and the actual value."""
+    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, kahan_comps,
+     factor_dims) = op[: len(_CHECKED)]  # fmt: skip
     n = len(params)
     factored = (
         sum(1 for i in range(n) if factor_dims[2 * i] >= 0) if len(factor_dims) == 2 * n else 0
@@ -134,10 +124,8 @@ def check_inputs(
     for name, (got, want) in counts.items():
         if got != want:
             raise ValueError(f"adafactor.step_: {name} has {got} entries, expected {want}")
-    if not _all_fit(params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise,
-                    kahan_comps, factor_dims):  # fmt: skip
-        _explain(params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise,
-                 kahan_comps, factor_dims)  # fmt: skip
+    if not _all_fit(op):
+        _explain(op)
 
 
 _STATE_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16))
@@ -176,21 +164,11 @@ def _comp_fits(k: Tensor, p: Tensor, shape: torch.Size, device: torch.device) ->
     )
 
 
-def _all_fit(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    noise: Sequence[Tensor],
-    kahan_comps: Sequence[Tensor],
-    factor_dims: Sequence[int],
-) -> bool:
+def _all_fit(op: OpArgs) -> bool:
     """The common case in one quick pass (a few attribute reads per tensor); :func:`_explain`
     finds and names the first mismatch."""
+    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, kahan_comps,
+     factor_dims) = op[: len(_CHECKED)]  # fmt: skip
     fi = vi = 0
     f64 = torch.float64
     for i, p in enumerate(params):
@@ -224,20 +202,10 @@ def _all_fit(
     return True
 
 
-def _explain(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    noise: Sequence[Tensor],
-    kahan_comps: Sequence[Tensor],
-    factor_dims: Sequence[int],
-) -> None:
+def _explain(op: OpArgs) -> None:
     """Raise the error that names the first tensor that does not fit its parameter."""
+    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, kahan_comps,
+     factor_dims) = op[: len(_CHECKED)]  # fmt: skip
     fi = 0
     vi = 0
     for i, p in enumerate(params):
@@ -397,7 +365,7 @@ def _states(
 def _run(on_cpu: bool, op: OpArgs, plan: GroupPlan) -> tuple[Tensor, Tensor]:
     """The CPU (``on_cpu``) and reference implementations: the kernel chosen by ``plan.impl`` for
     the tensors it supports, the reference math for the rest."""
-    check_inputs(*op[: len(_CHECKED)])
+    check_inputs(op)
     (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, kahan_comps,
      factor_dims, lr, grad_scale, found_inf, skipped_steps) = op  # fmt: skip
     n = len(params)
@@ -564,7 +532,7 @@ def _step_cuda(*args: Any) -> tuple[Tensor, Tensor]:
     op, plan = _split(args)
     if plan.impl not in (Impl.AUTO, Impl.FUSED):
         return _run(False, op, plan)
-    check_inputs(*op[: len(_CHECKED)])
+    check_inputs(op)
     k = OpArgs._fields.index("kahan_comps")  # a keyword of the foreach step
     return _foreach.group_step(*op[:k], *op[k + 1 :], plan, kahan_comps=op.kahan_comps)
 
@@ -572,7 +540,7 @@ def _step_cuda(*args: Any) -> tuple[Tensor, Tensor]:
 @step_.register_fake
 def _step_fake(*args: Any) -> tuple[Tensor, Tensor]:
     op, _ = _split(args)
-    check_inputs(*op[: len(_CHECKED)])
+    check_inputs(op)
     like = op.params[0] if op.params else op.lr
     n = len(op.params)
     return like.new_empty(n, dtype=torch.float32), like.new_empty(n, dtype=torch.float32)
