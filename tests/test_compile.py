@@ -80,20 +80,79 @@ def test_no_recompile_across_steps_or_tensor_lr_schedules() -> None:
     assert _counters()["unique_graphs"] == 1
 
 
-def test_float_lr_recompiles_at_most_once_with_few_tensors() -> None:
-    """Documented: dynamo may specialise a float lr; with few tensors it turns it dynamic after
-    one recompile (docs/performance.md recommends a tensor lr under torch.compile)."""
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_float_lr_recompiles_once_then_never(backend: str) -> None:
+    """A float lr a scheduler rewrites each step: dynamo's automatic dynamic turns it into a
+    symbolic value at its first change (one recompile), then no new value recompiles, with
+    inductor and many tensors too (the validation does not compare the traced float)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = torch.nn.Linear(8, 8)
-    opt = Adafactor(model.parameters(), lr=0.01, relative_step=False)
-    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(24)]
+    opt = Adafactor(params, lr=0.01, relative_step=False, scale_parameter=False)
+    step = torch.compile(opt.step, fullgraph=True, backend=backend)
     torch._dynamo.utils.counters.clear()
-    for i in range(5):
+    lrs = []
+    for i in range(6):
         opt.param_groups[0]["lr"] = 0.01 * 0.9**i
-        model(torch.randn(4, 8)).sum().backward()
+        for p in params:
+            p.grad = torch.randn_like(p)
         step()
+        lrs.append(float(opt.last_step_stats[0].lr))
+    assert lrs == pytest.approx([0.01 * 0.9**i for i in range(6)])
     assert _counters()["unique_graphs"] <= 2
+
+
+def test_compiled_step_checks_a_bad_float_lr() -> None:
+    """Traced, a float lr is not compared in Python (that would specialise the graph), so the
+    op checks it: a NaN written into the group is refused before anything changes."""
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3)]
+    opt = Adafactor(params, lr=0.01, relative_step=False, scale_parameter=False)
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for lr in (0.01, 0.02):  # the second value makes the lr symbolic
+        opt.param_groups[0]["lr"] = lr
+        for p in params:
+            p.grad = torch.randn_like(p)
+        step()
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["lr"] = float("nan")
+    try:
+        with pytest.raises(ValueError, match="lr is nan"):
+            step()
+    finally:  # torch leaves grad mode off after an exception inside a compiled no_grad region
+        torch.set_grad_enabled(True)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_compiled_step_traces_a_torch_op_lr_schedule() -> None:
+    """Traced, a callable lr gets the step counter as a 0-d tensor (Keras passes its iteration
+    as a tensor too): a schedule written with torch ops compiles whole and never recompiles."""
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3)]
+
+    def warmup(t: Any) -> Any:
+        return 0.01 * torch.clamp((t + 1) / 4, max=1.0)
+
+    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Adafactor(params, lr=warmup, relative_step=False, scale_parameter=False)
+    ref = Adafactor(
+        eager_params, lr=lambda t: 0.01 * min((t + 1) / 4, 1.0), relative_step=False,
+        scale_parameter=False,
+    )  # fmt: skip
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for i in range(7):
+        if i == 1:  # after the step that created the state (a graph of its own)
+            torch._dynamo.utils.counters.clear()
+        for p, q in zip(params, eager_params):
+            p.grad = torch.ones_like(p)
+            q.grad = torch.ones_like(q)
+        step()
+        ref.step()
+        assert float(opt.last_step_stats[0].lr) == pytest.approx(float(ref.last_step_stats[0].lr))
+    assert _counters()["unique_graphs"] == 1
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import adafactor._fused_cpu as fused
-from adafactor import Adafactor
+from adafactor import Adafactor, ops
 from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler for the fused path")
@@ -184,11 +184,18 @@ def test_carried_param_sq_is_bit_identical(
     p_carried, p_fresh = (opt.param_groups[0]["params"][0] for opt in (carried, fresh))
     assert torch.equal(p_carried, p_fresh)
     assert carried.last_step_stats[0].alpha.item() == fresh.last_step_stats[0].alpha.item()
-    cached = getattr(p_carried, fused._CARRY_ATTR)
-    assert cached[:2] == (p_carried.data_ptr(), p_carried._version)
+    tables = _tables_of(p_carried)
+    assert bool(tables.carry_ok[0]) and int(tables.carry_version[0]) == p_carried._version
     expected = p_carried.detach().double().square().sum().item()
-    assert abs(cached[2] - expected) <= 1e-6 * expected
-    assert not hasattr(p_fresh, fused._CARRY_ATTR)
+    cached = float(tables.doubles[0, fused._TD_CARRIED])
+    assert abs(cached - expected) <= 1e-6 * expected
+    assert not bool(_tables_of(p_fresh).carry_ok.any())
+
+
+def _tables_of(p: torch.Tensor) -> fused.GroupTables:
+    tables = ops._FUSED_GROUPS[(id(p),)].tables
+    assert tables is not None
+    return tables
 
 
 def test_carried_param_sq_is_dropped_after_a_version_bump() -> None:
@@ -213,6 +220,7 @@ def test_change_behind_the_version_counter_is_reported_and_stops_the_carry() -> 
     with pytest.warns(RuntimeWarning, match=stale):
         opt.step()
     assert getattr(p, fused._CARRY_ATTR) is False
+    assert bool(_tables_of(p).carry_off[0])
     p.data.mul_(0.5)  # from now on x is re-read: this change is seen at once, without a warning
     x_before = p.detach().double().clone()
     p.grad = torch.randn_like(p)

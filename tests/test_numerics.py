@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
-from adafactor import Adafactor
+from adafactor import Adafactor, ops
+from adafactor._plan import GroupPlan, Impl
 
 HUGE = [2e19, 1e30, 3.3e38]  # finite float32 values whose squares overflow float32
 CONFIGS: list[dict[str, Any]] = [
@@ -114,3 +117,128 @@ def test_skip_nonfinite_with_empty_parameters() -> None:
     only_empty = Adafactor([torch.nn.Parameter(torch.ones(0, 2))], skip_nonfinite=True)
     only_empty.param_groups[0]["params"][0].grad = torch.ones(0, 2)
     only_empty.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# without update clipping: saturation (docs/algorithm.md, "Numerics and failure modes")
+# ---------------------------------------------------------------------------------------------
+NO_CLIP_HUGE = [1e19, 3e19, 1e30, 3.38e38]  # 3.38e38: below bf16 max (3.4e38 rounds to inf)
+NO_CLIP_CONFIGS: list[dict[str, Any]] = [
+    {"clip_threshold": None},
+    {"clip_threshold": None, "beta1": 0.9},
+    {"clip_threshold": None, "beta1": 0.0},  # lerp weight 1: (m - U) overflowing gave NaN
+    {"clip_threshold": None, "beta1": 0.9, "momentum_kind": "grad",
+     "momentum_dtype": torch.bfloat16},
+    {"clip_threshold": None, "beta1": 0.9, "momentum_kind": "normalized_update"},
+    {"clip_threshold": None, "relative_step": False, "lr": 1e-3, "scale_parameter": False,
+     "weight_decay": 0.1, "weight_decay_mode": "alpha"},
+    {"clip_threshold": None, "factored": False, "beta1": 0.9},
+    {"preset": "big_vision"},
+    {"preset": "big_vision", "lr": 1e-3},
+    {"clip_threshold": None, "kahan_summation": True},  # (bf16 parameters: x + comp saturates)
+    {"clip_threshold": None, "stochastic_rounding": True},
+]  # fmt: skip
+NO_CLIP_SHAPES = [(32, 24), (24,), (2, 17, 20), (1, 40)]  # factored under big_vision too
+
+
+@contextlib.contextmanager
+def _impl(name: str) -> Iterator[str]:
+    """``impl`` for Adafactor; "foreach": the CUDA implementation on CPU tensors (the op's CPU
+    dispatch sent to the CUDA registration function, as tests/test_foreach.py does)."""
+    if name != "foreach":
+        yield name
+        return
+    real = ops._run
+
+    def run(on_cpu: bool, op: ops.OpArgs, plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        if plan.impl in (Impl.AUTO, Impl.FUSED):
+            return ops._step_cuda(*op, *plan.as_args())
+        return real(on_cpu, op, plan)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "_run", run)
+        yield "auto"
+
+
+Snapshot = list[tuple[str, torch.Tensor]]
+
+
+def _train_no_clip(
+    impl: str, kwargs: dict[str, Any], huge: float, dtype: torch.dtype
+) -> tuple[list[Snapshot], list[str], int]:
+    """Five steps, the outlier in one element of every gradient at the second. Returns the
+    parameters and state after each step, what was not finite, and the number of steps before
+    alpha_t first overflowed (a float32 sum of x^2 beyond float32; 5 if it never did)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in NO_CLIP_SHAPES]
+    snaps: list[Snapshot] = []
+    bad: list[str] = []
+    alpha_ok = 5
+    with _impl(impl) as name, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = Adafactor(params, impl=name, generator=torch.Generator().manual_seed(1), **kwargs)
+        for step in range(5):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(dtype)
+                if step == 1:
+                    p.grad.view(-1)[p.numel() // 3] = huge
+            opt.step()
+            snap: Snapshot = []
+            for i, p in enumerate(params):
+                tensors = {"param": p.detach(), **opt.state[p]}
+                for key, t in tensors.items():
+                    # (kahan_comp: a residual below half an ulp of x, compared through x)
+                    if isinstance(t, torch.Tensor) and key not in ("step", "kahan_comp"):
+                        snap.append((f"param {i} {key}", t.clone()))
+                        if not bool(torch.isfinite(t).all()):
+                            bad.append(f"step {step + 1} param {i} {key}")
+            snaps.append(snap)
+            stats = opt.last_step_stats[0]
+            if stats is not None and not bool(torch.isfinite(stats.alpha).all()):
+                alpha_ok = min(alpha_ok, step)
+    return snaps, bad, alpha_ok
+
+
+NO_CLIP_IMPLS = ["reference", "fused", "foreach"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("kwargs", "huge"), list(itertools.product(NO_CLIP_CONFIGS, NO_CLIP_HUGE)), ids=str
+)
+def test_without_update_clipping_finite_gradients_give_finite_weights_and_state(
+    kwargs: dict[str, Any], huge: float, dtype: torch.dtype
+) -> None:
+    """An outlier makes the factored estimator give U beyond float32 to the elements far from
+    it; U, the momentum and the parameter saturate at the largest finite value instead of
+    becoming inf or NaN, in every implementation, and the implementations agree after every
+    step."""
+    runs = {impl: _train_no_clip(impl, kwargs, huge, dtype) for impl in NO_CLIP_IMPLS}
+    for impl, (_, bad, _) in runs.items():
+        assert not bad, (impl, bad[:6])
+    ref_snaps, _, ref_alpha_ok = runs["reference"]
+    for impl in NO_CLIP_IMPLS[1:]:
+        if impl == "foreach" and huge > 1e30:
+            # U beyond float32 on the outlier step: the reference's float64 path keeps it (only
+            # x saturates), foreach computes U in float32 from float64 statistics (U saturates)
+            continue
+        # once the reference's float32 sum of x^2 overflows (a parameter saturated by an
+        # earlier step), its alpha_t saturates where the kernels' float64 sums stay finite
+        for step in range(ref_alpha_ok):
+            for (what, want), (_, got) in zip(ref_snaps[step], runs[impl][0][step]):
+                _assert_close_saturated(got, want, f"{impl} step {step + 1} {what}")
+
+
+def _assert_close_saturated(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Elementwise within 1e-5 (float32) or 2^-7 (bfloat16) of max(|want|, 0.1 * the largest
+    unsaturated |want|): saturated elements are equal (a relative bound of the saturated scale
+    would accept anything), the others agree to rounding (1e-6 of the tensor's scale at
+    least, as tests/test_impl_parity.py)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    a, e = got.double(), want.double()
+    rtol = 2.0**-7 if want.dtype == torch.bfloat16 else 1e-5
+    unsaturated = e.abs()[e.abs() < 1e38]
+    floor = 0.1 * unsaturated.max().item() if unsaturated.numel() else 0.0
+    bound = rtol * torch.maximum(e.abs(), torch.full_like(e, floor))
+    worst = ((a - e).abs() - bound).max().item()
+    assert worst <= 0, f"{what}: beyond the bound by {worst:.3g} (max |want| {e.abs().max():.3g})"

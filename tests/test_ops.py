@@ -189,7 +189,7 @@ def test_op_checks_every_input(change: Any, match: str) -> None:
         args[i] = list(args[i])
     change(args)
     before = [p.detach().clone() for p in params]
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=match), torch.no_grad():
         torch.ops.adafactor.step_(*args)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
@@ -225,3 +225,53 @@ def test_a_mode_the_kernel_lacks_is_refused_at_load(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(fused, "Momentum", extended)
     with pytest.raises(fused.FusedUnavailableError, match=r"does not implement Momentum \['NEW'\]"):
         fused._bind(lib)
+
+
+_CHANGES = {
+    "state tensor replaced": lambda opt, p: opt.state[p].__setitem__(
+        "row_var", opt.state[p]["row_var"].clone()
+    ),
+    "param made a transposed view (same pointer and shape)": lambda opt, p: setattr(
+        p, "data", p.data.t()
+    ),
+    "param replaced by a copy": lambda opt, p: setattr(p, "data", p.data.clone()),
+    "transposed gradient": lambda opt, p: setattr(p, "grad", p.grad.t().contiguous().t()),
+}
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_cached_inputs_follow_changes_between_steps(change: str) -> None:
+    """The kernel caches each group's checked inputs and tables across steps; a change to any
+    tensor between steps is seen (the step equals the reference's on the changed inputs)."""
+    runs = []
+    for impl in ("auto", "reference"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, 8))
+        opt = Adafactor([p], impl=impl, beta1=0.9)
+        for step in range(4):
+            p.grad = torch.randn(8, 8)
+            if step == 2:
+                _CHANGES[change](opt, p)
+            opt.step()
+        runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (p_auto, s_auto), (p_ref, s_ref) = runs
+    torch.testing.assert_close(p_auto, p_ref, rtol=1e-6, atol=1e-7)
+    for key, value in s_ref.items():
+        torch.testing.assert_close(s_auto[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_op_refuses_leaves_that_require_grad_in_grad_mode() -> None:
+    """Like any in-place op on a leaf that requires grad: refused in grad mode, before anything
+    changes (Adafactor.step runs it under torch.no_grad())."""
+    params = _model_params()
+    opt = Adafactor(params)
+    _set_grads(params, 1)
+    opt.step()
+    args = _op_args(opt)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"in place: call it under torch.no_grad\(\)"):
+        torch.ops.adafactor.step_(*args)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with torch.no_grad():
+        torch.ops.adafactor.step_(*args)
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from adafactor import PRESETS, Adafactor
+from adafactor._state import expected_state
 from tests.conftest import SHAPES, make_grads, make_params
 from tests.optim_inputs import ERROR_INPUTS, OPTIM_INPUTS, AdafactorInput, ErrorInput
 
@@ -47,7 +48,7 @@ def test_every_config_trains_every_shape(sample):
         state = opt.state[p]
         assert state["step"].item() == 5
         group = opt.param_groups[0]
-        assert set(state) == set(opt._expected_state(p, group)), name
+        assert set(state) == set(expected_state(p, group)), name
     stats = opt.last_step_stats[0]
     assert stats is not None
     # one entry per parameter with a gradient; empty parameters report alpha_t = RMS(U) = 0

@@ -32,6 +32,8 @@ counters today, so capturable mode is reachable through :func:`group_step` only 
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,6 +258,129 @@ def _cast(ts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t.to(dtype) for t in ts]
 
 
+def _overflow_scale(G: list[Tensor], numels: list[float]) -> tuple[Tensor, list, Tensor]:
+    """Per tensor, on the device: ``wide`` (bool [n]): its sums of g^2 could overflow float32
+    (max|g|^2 numel >= 2^127); the exact power of two ``s = 2^-k`` to scale g by before squaring
+    (0-d tensors, 1 where not wide: the same bits as without it); and ``4^k`` (float64 [n]) that
+    unscales the sums. No host read: k comes from max|g| by device ops."""
+    amax = torch.stack(list(torch._foreach_norm(G, float("inf")))).to(torch.float32)
+    half = [0.5 * math.log2(max(k, 1.0)) - 63.5 for k in numels]
+    k = (amax.log2() + torch.tensor(half).to(amax.device, non_blocking=True)).ceil_()
+    k = torch.nan_to_num(k, nan=0.0, posinf=0.0).clamp_(0.0, 100.0)  # (inf, NaN g: unscaled)
+    ki = k.to(torch.int32)
+    s = ((127 - ki) << 23).view(torch.float32)  # 2^-k, exact
+    up = ((1023 + 2 * ki.to(torch.int64)) << 52).view(torch.float64)  # 4^k, exact
+    return k > 0, list(s.unbind()), up
+
+
+def _wide_factors(
+    b: _Bucket,
+    rows: list[Tensor],
+    cols: list[Tensor],
+    up: Tensor,
+    gscale: Scalar,
+    ncols: list[float],
+    nrows: list[float],
+    eps1: float,
+    w2: Scalar,
+    n: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """The reference's float64 averages of R and C from the scaled float32 sums (before they
+    are scaled in place): sum * 4^k * scale^2 / n + eps1, lerped in float64. Computed for every
+    tensor (small vectors); the caller keeps them where ``wide``."""
+    sq: list[Tensor] = [torch.ones((), dtype=torch.float64, device=up.device)] * n
+    if not (isinstance(gscale, float) and gscale == 1.0):
+        sq = [torch.as_tensor(x, dtype=torch.float64).square() for x in _each(gscale, n)]
+    ws = _each(w2, n) if not isinstance(w2, float) else [w2] * n
+    out = []
+    for i in range(n):
+        k2 = up[i] * sq[i]
+        r64 = rows[i].double() * k2 / ncols[i] + eps1
+        c64 = cols[i].double() * k2 / nrows[i] + eps1
+        w = ws[i]
+        w = w.double() if isinstance(w, Tensor) else w
+        out.append((b.row_vars[i].double().lerp(r64, w), b.col_vars[i].double().lerp(c64, w)))
+    return out
+
+
+def _wide_full_u(
+    V: list[Tensor],
+    G: list[Tensor],
+    numer: list[Tensor],
+    eps1: float,
+    clamp: bool,
+    w2: Scalar,
+    skip: Tensor | None,
+) -> list[Tensor]:
+    """Unfactored float32 tensors: V <- lerp(V, g^2 + eps1, 1 - beta2_t) and U = numer / sqrt(V),
+    with the reference's float64 path per element: where g^2 would overflow float32 (|g| >= 2^63)
+    g, V and eps1 are scaled by s = 2^-64 (exact): V' = lerp(V s^2, (g s)^2 + eps1 s^2, w),
+    U = s numer / sqrt(V') and V is stored as V' / s^2, saturated. s = 1 elsewhere: the same bits
+    as without it. Decided per element on the device (no host read); one tensor at a time, so
+    the temporaries are a few of one tensor."""
+    dt = V[0].dtype
+    big_v = torch.finfo(dt).max
+    ws = w2 if isinstance(w2, list) else [w2] * len(V)
+    U = []
+    for g, v, num, w in zip(G, V, numer, ws):
+        huge = g.abs() >= 2.0**63
+        sig = torch.where(huge, 2.0**-64, 1.0)
+        new_sq = g * sig
+        new_sq.mul_(new_sq)
+        if not clamp:
+            new_sq.add_(torch.where(huge, eps1 * 2.0**-128, eps1))
+        scaled = v.to(torch.float32) * sig
+        scaled.mul_(sig)
+        scaled = torch.lerp(scaled, new_sq.to(dt).to(torch.float32), w)
+        del new_sq
+        stored = (scaled / sig).div_(sig).clamp_(-big_v, big_v).to(dt)
+        _commit([v], [stored], skip)
+        # this step's V: the stored one where s is 1 (as without the scaling), else unrounded
+        u = torch.where(huge, scaled, stored.to(torch.float32))
+        del stored, scaled, huge
+        if clamp:
+            u.clamp_(min=eps1 * eps1)
+        u.rsqrt_().mul_(num).mul_(sig)
+        U.append(u)
+    return U
+
+
+def _as_math(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to float32 (float64: unchanged), as a host float."""
+    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+
+
+def _saturate_(ts: list[Tensor], big: float) -> None:
+    """Clamp to [-big, big] in place (NaN kept): the reference's ``_saturate``."""
+    torch._foreach_clamp_min_(ts, -big)
+    torch._foreach_clamp_max_(ts, big)
+
+
+def _lerp_finite_(dst: list[Tensor], end: list[Tensor], w: float, skip: Tensor | None) -> None:
+    """The reference's ``_lerp_finite_``: ``end`` saturated to ``dst``'s dtype; where torch's
+    lerp overflows (``end - dst`` beyond float32), the weighted sum ``dst (1 - w) + end w``; the
+    result saturated to ``dst``'s dtype. Masked by ``skip``. One tensor at a time (the weighted
+    sum is a full-size temporary)."""
+    dt = dst[0].dtype
+    math_dt = compute_dtype(dt)
+    big = torch.finfo(dt).max
+    wf = _as_math(w, math_dt)  # the weight and 1 - w as the math dtype rounds them
+    keep = _as_math(1.0 - wf, math_dt)
+    outs = []
+    for d, e in zip(dst, end):
+        if big < torch.finfo(e.dtype).max:  # narrower momentum: saturate before rounding
+            e = e.clamp(-big, big)
+        b = e.to(dt).to(math_dt)
+        a = d.to(math_dt)
+        out = torch.lerp(a, b, wf)
+        ws = a * keep
+        ws.add_(b * wf)
+        torch.where(out.isfinite(), out, ws, out=out)
+        del ws
+        outs.append(out.clamp_(-big, big))
+    _commit(dst, outs, skip)
+
+
 def _sq_mean_sqrt(sums_of: list[Tensor], numels: list[float]) -> list[Tensor]:
     """RMS from per-tensor L2 norms: sqrt(norm^2 / numel), one foreach call each."""
     sq = list(torch._foreach_mul(sums_of, sums_of))
@@ -317,11 +442,22 @@ def _bucket_step(
         torch._foreach_clamp_max_(G, plan.clipvalue)
 
     # ---- pass 1: statistics; between passes: clip factor, alpha, factored averages --------------
+    # The reference's float64 path (a finite g whose squares overflow float32), chosen per
+    # tensor on the device: g is scaled by an exact power of two before squaring and the
+    # statistics are averaged in float64 (factored tensors; see _overflow_scale)
+    wide = None
+    if factored or plan.clipnorm is not None:
+        wide, g_scale, up = _overflow_scale(G, numels)
     gscale: Scalar = 1.0
     if plan.clipnorm is not None:
         # the reference's clipnorm / max(||g||, clipnorm), on a vector of the bucket's norms
-        norm = torch.stack(torch._foreach_norm(G))
-        gscale = list((plan.clipnorm / norm.clamp(min=plan.clipnorm)).unbind())
+        if wide is None:
+            norm = torch.stack(torch._foreach_norm(G))
+        else:  # ||g s|| / s in float64 (= ||g|| where ||g||^2 is beyond float32)
+            scaled = torch._foreach_mul(G, g_scale)
+            norm = torch.stack(torch._foreach_norm(scaled)).double() * up.sqrt()
+            del scaled
+        gscale = list((plan.clipnorm / norm.clamp(min=plan.clipnorm)).to(cdt).unbind())
     elif global_scale is not None:
         gscale = global_scale
 
@@ -338,16 +474,21 @@ def _bucket_step(
     else:
         alpha = rho
 
+    wide_stats: list[tuple[Tensor, Tensor]] = []
     if factored:
+        assert wide is not None
         rows, cols = [], []
-        for g, d in zip(G, b.dims):
+        for g, d, si in zip(G, b.dims, g_scale):
             assert d is not None
-            sq = g.square()
+            sq = (g * si).square_()  # (exact: si is a power of two, 1 unless wide)
             rows.append(sq.sum(d.col_dim, keepdim=True))
             cols.append(sq.sum(d.row_dim, keepdim=True))
             del sq
         ncols = [float(p.shape[d.col_dim]) for p, d in zip(P, b.dims) if d is not None]
         nrows = [float(p.shape[d.row_dim]) for p, d in zip(P, b.dims) if d is not None]
+        wide_stats = _wide_factors(
+            b, rows, cols, up, gscale, ncols, nrows, 0.0 if clamp else eps1, w2, n
+        )
         if isinstance(gscale, float):  # sums * (1 / n), as the reference's scale_sq / n
             torch._foreach_mul_(rows, [gscale * gscale / k for k in ncols])
             torch._foreach_mul_(cols, [gscale * gscale / k for k in nrows])
@@ -359,9 +500,16 @@ def _bucket_step(
         if not clamp:
             torch._foreach_add_(rows, eps1)
             torch._foreach_add_(cols, eps1)
-        _lerp_(b.row_vars, _cast(rows, stats_dtype), w2, skip)
-        _lerp_(b.col_vars, _cast(cols, stats_dtype), w2, skip)
+        new_r = list(torch._foreach_lerp(b.row_vars, _cast(rows, stats_dtype), w2))
+        new_c = list(torch._foreach_lerp(b.col_vars, _cast(cols, stats_dtype), w2))
         del rows, cols
+        big_s = torch.finfo(stats_dtype).max  # the float64 averages are stored saturated
+        for i, (r64, c64) in enumerate(wide_stats):
+            torch.where(wide[i], r64.clamp(-big_s, big_s).to(stats_dtype), new_r[i], out=new_r[i])
+            torch.where(wide[i], c64.clamp(-big_s, big_s).to(stats_dtype), new_c[i], out=new_c[i])
+        _commit(b.row_vars, new_r, skip)
+        _commit(b.col_vars, new_c, skip)
+        del new_r, new_c
 
     # ---- pass 2: U = numerator / sqrt(V_hat) -----------------------------------------------
     if not isinstance(gscale, float) or gscale != 1.0:
@@ -373,59 +521,90 @@ def _bucket_step(
     numer = G
     if plan.momentum == Momentum.GRAD:
         M = b.exp_avgs
-        _lerp_(M, _cast(G, M[0].dtype), w1, skip)
+        _lerp_finite_(M, G, w1, skip)
         numer = _cast(M, cdt)
     if factored and not clamp:
         # 1/sqrt(V_hat) as a per-row times a per-column factor, computed on the small vectors
         inv_rows, inv_cols = [], []
-        for rv, cv, d in zip(b.row_vars, b.col_vars, b.dims):
-            assert d is not None
+        for i, (rv, cv, d) in enumerate(zip(b.row_vars, b.col_vars, b.dims)):
+            assert d is not None and wide is not None
             r = rv.to(cdt)
-            inv_rows.append((r / r.mean(d.row_dim, keepdim=True)).sqrt_().reciprocal_())
-            inv_cols.append(cv.to(cdt).sqrt().reciprocal_())
+            # sqrt(mean(R)) / sqrt(R), as the reference: R / mean(R) can underflow to 0 beside
+            # a saturated row (mean in float64: a float32 sum of saturated rows overflows)
+            mean = r.mean(d.row_dim, keepdim=True, dtype=torch.float64).to(cdt)
+            ir, ic = mean.sqrt_() / r.sqrt(), cv.to(cdt).sqrt().reciprocal_()
+            r64, c64 = wide_stats[i]  # the same from the unrounded float64 averages
+            mean64 = r64.mean(d.row_dim, keepdim=True)
+            big = torch.finfo(cdt).max
+            ir64 = (mean64.sqrt() / r64.sqrt()).clamp(max=big).to(cdt)
+            inv_rows.append(torch.where(wide[i], ir64, ir))
+            inv_cols.append(torch.where(wide[i], c64.sqrt().reciprocal().to(cdt), ic))
         U = torch._foreach_mul(numer, inv_rows)
         torch._foreach_mul_(U, inv_cols)
         del inv_rows, inv_cols
     elif factored:
         U = []
-        for rv, cv, d in zip(b.row_vars, b.col_vars, b.dims):
-            assert d is not None
+        for i, (rv, cv, d) in enumerate(zip(b.row_vars, b.col_vars, b.dims)):
+            assert d is not None and wide is not None
             r, c = rv.to(cdt), cv.to(cdt)
             row_mean = r.mean(d.row_dim, keepdim=True)
             # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
-            U.append((r * c / row_mean.clamp(min=eps1)).clamp_(min=eps1 * eps1).rsqrt_())
+            u = (r * c / row_mean.clamp(min=eps1)).clamp_(min=eps1 * eps1).rsqrt_()
+            r64, c64 = wide_stats[i]
+            mean64 = r64.mean(d.row_dim, keepdim=True)
+            u64 = (r64 * c64 / mean64.clamp(min=eps1)).clamp_(min=eps1 * eps1).rsqrt_()
+            U.append(torch.where(wide[i], u64.to(cdt), u))
         torch._foreach_mul_(U, numer)
     else:
         V = b.variances
-        new_sq = torch._foreach_mul(G, G)
-        if not clamp:
-            torch._foreach_add_(new_sq, eps1)
-        _lerp_(V, _cast(new_sq, V[0].dtype), w2, skip)
-        del new_sq
-        if clamp:
-            U = torch._foreach_clamp_min(_cast(V, cdt), eps1 * eps1)
-            torch._foreach_rsqrt_(U)
+        if cdt == torch.float32:
+            U = _wide_full_u(V, G, numer, eps1, clamp, w2, skip)
         else:
-            U = torch._foreach_rsqrt(_cast(V, cdt))
-        torch._foreach_mul_(U, numer)
+            new_sq = torch._foreach_mul(G, G)
+            if not clamp:
+                torch._foreach_add_(new_sq, eps1)
+            _lerp_(V, _cast(new_sq, V[0].dtype), w2, skip)
+            del new_sq
+            if clamp:
+                U = torch._foreach_clamp_min(_cast(V, cdt), eps1 * eps1)
+                torch._foreach_rsqrt_(U)
+            else:
+                U = torch._foreach_rsqrt(_cast(V, cdt))
+            torch._foreach_mul_(U, numer)
     del G, numer
 
     # ---- pass 3: clip, momentum, weight decay, write ----------------------------------------
-    rms = _sq_mean_sqrt(list(torch._foreach_norm(U)), numels)
+    # RMS(U) as the reference: float32 squares (inf where one overflows) summed in float64 (a
+    # float32 sum overflows first); on its float64 path float64 squares
+    rms64 = _sq_mean_sqrt(list(torch._foreach_norm(U, 2, dtype=torch.float64)), numels)
+    amax = torch.stack(list(torch._foreach_norm(U, float("inf")))).to(cdt)
+    over = (amax * amax).isinf()
+    if wide is not None:
+        over = over & ~wide
+    rms = list(torch.where(over, torch.inf, torch.stack(rms64)).to(cdt).unbind())
+    # saturated where the math overflows, as the reference (_reference._saturate): without update
+    # clipping U beside an outlier can exceed float32; finite results keep their bits
+    big = torch.finfo(cdt).max
+    _saturate_(U, big)
     if plan.clip_threshold is not None:
         div = torch._foreach_div(rms, plan.clip_threshold)
         torch._foreach_clamp_min_(div, 1.0)
         torch._foreach_div_(U, div)
+    # alpha_t is inf once a float32 sum of x^2 overflows (a saturated x): inf * 0 would be NaN
+    alpha_s: Scalar = alpha
+    if isinstance(alpha, list):
+        alpha_s = list(torch._foreach_clamp_max(alpha, big))
     if plan.momentum == Momentum.NORMALIZED_UPDATE:  # big_vision: of U_hat, before alpha
         M = b.exp_avgs
-        _lerp_(M, _cast(U, M[0].dtype), w1, skip)
+        _lerp_finite_(M, U, w1, skip)
         del U
-        U = torch._foreach_mul(_cast(M, cdt), _s(alpha, n))
+        U = torch._foreach_mul(_cast(M, cdt), _s(alpha_s, n))
     else:
-        torch._foreach_mul_(U, _s(alpha, n))
+        torch._foreach_mul_(U, _s(alpha_s, n))
+    _saturate_(U, big)
     if plan.momentum == Momentum.UPDATE:  # T2T / transformers / optax: of alpha U_hat
         M = b.exp_avgs
-        _lerp_(M, _cast(U, M[0].dtype), w1, skip)
+        _lerp_finite_(M, U, w1, skip)
         del U
         U = _cast(M, cdt)
 
@@ -442,18 +621,23 @@ def _bucket_step(
             if mode == WeightDecay.LR_BEFORE:
                 c = lr_t * wd
             elif mode == WeightDecay.ALPHA:
-                c = _times(alpha, wd)
+                c = _times(alpha_s, wd)
+                if isinstance(c, list):
+                    c = list(torch._foreach_clamp_max(c, big))
             else:  # UNSCALED; an lr of 0 still changes nothing
                 c = wd * (lr_t != 0)
             torch._foreach_sub_(X, torch._foreach_mul(X, _s(c, n)))
-    torch._foreach_sub_(X, U)
+    torch._foreach_sub_(X, U)  # +-inf at most: U is finite
     del U
+    if not b.comps:  # (Kahan saturates x + c below)
+        _saturate_(X, torch.finfo(pdtype).max)
     if not in_place:
         if sr:
             assert len(b.noise) == n, "stochastic rounding needs the draws of rounding_noise()"
             X = [stochastic_round_to_bf16(x, nz) for x, nz in zip(X, b.noise)]
         elif b.comps:  # Kahan: t = x + c; x = bf16(t); c = bf16(t - x)
             torch._foreach_add_(X, _cast(b.comps, cdt))
+            _saturate_(X, torch.finfo(torch.bfloat16).max)
             rounded = _cast(X, torch.bfloat16)
             torch._foreach_sub_(X, _cast(rounded, cdt))
             _commit(b.comps, _cast(X, torch.bfloat16), skip)

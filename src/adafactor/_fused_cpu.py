@@ -81,8 +81,8 @@ _ENTRY_POINTS = ("af_stats", "af_finish", "af_factor_scales", "af_update_sq", "a
 _X_FUSED = 1  # Args.want_x: pass 1 sums x^2 in its loop over g (see the C enum)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-# The carried sum of x^2 lives on the parameter itself: (data_ptr, version, sum), or False once a
-# change that bypassed the version counter was caught (the parameter is then re-read every step).
+# Set to False on a parameter caught changing behind its version counter (p.data, NumPy views):
+# its sum of x^2 is then re-read every step instead of carried (see GroupTables).
 _CARRY_ATTR = "_adafactor_param_sq"
 
 
@@ -431,15 +431,19 @@ _F_BF16, _F_MBF16, _F_FACTORED, _F_CARRY, _F_USE_CARRIED, _F_WANT_X = 1, 2, 4, 8
 class GroupTables:
     """The kernel's view of one param group: per-tensor pointers and layout, cached across steps.
 
-    Built once for a list of (param, state) and reused while every pointer is unchanged; each
-    step only refreshes the gradient and noise pointers and the carry flags.
+    Built once for a list of (param, state); the caller (:mod:`adafactor.ops`) reuses it while
+    every pointer, shape and dtype is unchanged. Each step refreshes only the gradient and noise
+    pointers and the carry flags. It also carries each parameter's sum of x^2 from one step to the
+    next: ``carry_version`` is the parameter's version counter when the sum was taken (valid for
+    the next step if only this op's own bump came in between) and ``carry_ok`` marks the valid
+    sums; a parameter caught changing behind its version counter is marked on the parameter
+    itself (``_CARRY_ATTR``), so that it stays re-read when the tables are rebuilt.
     """
 
     def __init__(self, params: list[Tensor], states: list[dict[str, Tensor]], dims: list[Any]):
         n = len(params)
         self.ints = torch.zeros(n, _TABLE_I, dtype=torch.int64)
         self.doubles = torch.zeros(n, _TABLE_D, dtype=torch.float64)
-        self.key = _pointers(params, states)
         rows = []
         for p, st, d in zip(params, states, dims):
             flags = (_F_BF16 if p.dtype == torch.bfloat16 else 0) | (_F_FACTORED if d else 0)
@@ -452,13 +456,13 @@ class GroupTables:
                 rows_total, cols_total = p.shape[d.row_dim], p.shape[d.col_dim]
             rows.append([p.numel(), R, B, C, D, rows_total, cols_total, flags])
         self.ints[:, _TI_NUMEL:] = torch.tensor(rows, dtype=torch.int64).reshape(n, -1)
-        self.ints[:, _TI_X : _TI_COMP + 1] = torch.tensor(self.key, dtype=torch.int64).reshape(
-            n, -1
-        )
+        self.ints[:, _TI_X : _TI_COMP + 1] = torch.tensor(
+            _pointers(params, states), dtype=torch.int64
+        ).reshape(n, -1)
         self.flags = self.ints[:, _TI_FLAGS].clone()
-
-    def valid_for(self, params: list[Tensor], states: list[dict[str, Tensor]]) -> bool:
-        return len(params) == self.ints.shape[0] and _pointers(params, states) == self.key
+        self.carry_version = torch.zeros(n, dtype=torch.int64)
+        self.carry_off = torch.tensor([getattr(p, _CARRY_ATTR, None) is False for p in params])
+        self.carry_ok = torch.zeros(n, dtype=torch.bool)
 
 
 def _pointers(params: list[Tensor], states: list[dict[str, Tensor]]) -> list[int]:
@@ -500,17 +504,16 @@ def group_step(
     if noise is not None:
         ints[:, _TI_NOISE] = torch.tensor([z.data_ptr() for z in noise], dtype=torch.int64)
     flags = tables.flags
+    carry = plan.scale_parameter and plan.carry_param_rms
     if plan.scale_parameter:
         flags = flags | _F_WANT_X
-        if plan.carry_param_rms:
-            flags = flags | _F_CARRY
-            carried = [_carried(p) for p in params]
-            use = torch.tensor([c is not None for c in carried])
-            if bool(use.any()):  # pass 1 skips x where the carried sum stands in
-                flags = torch.where(use, (flags | _F_USE_CARRIED) & ~_F_WANT_X, flags)
-                doubles[:, _TD_CARRIED] = torch.tensor(
-                    [c or 0.0 for c in carried], dtype=torch.float64
-                )
+    if carry:
+        flags = flags | _F_CARRY
+        versions = torch.tensor([p._version for p in params], dtype=torch.int64)
+        # valid: taken last step, and only this op's own bump of the counter since
+        use = tables.carry_ok & (versions == tables.carry_version + 1)
+        if bool(use.any()):  # pass 1 skips x where the carried sum stands in
+            flags = torch.where(use, (flags | _F_USE_CARRIED) & ~_F_WANT_X, flags)
     ints[:, _TI_FLAGS] = flags
     t = torch.empty(n, dtype=torch.float64)
     i64p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
@@ -554,10 +557,9 @@ def group_step(
             "tensors (those were left unchanged, their step counters advanced); free memory or "
             "use impl='reference'"
         )
-    carry = plan.scale_parameter and plan.carry_param_rms
     status = doubles[:, _TD_STATUS]
     overflowed = (status == _OVERFLOW).nonzero().flatten().tolist() if bool(status.any()) else []
-    stale = _keep_carry(params, doubles, flags, overflowed) if carry else []
+    stale = _keep_carry(tables, params, use, versions, overflowed) if carry else []
     return GroupOutcome(t, doubles[:, _TD_ALPHA], doubles[:, _TD_RMS], stale, overflowed)
 
 
@@ -599,35 +601,27 @@ def _fill_scalars(
     doubles[:, _TD_LR : _TD_EPS1 + 1] = torch.tensor(rows, dtype=torch.float64)
 
 
-def _carried(p: Tensor) -> float | None:
-    """The previous step's sum of x^2 if ``p`` is unchanged since: same storage, and a version
-    counter advanced only by this op's own bump (custom ops bump it before the kernel runs)."""
-    cached = getattr(p, _CARRY_ATTR, None)
-    if cached and cached[0] == p.data_ptr() and cached[1] + 1 == p._version:
-        return cached[2]
-    return None
-
-
 def _keep_carry(
-    params: list[Tensor], doubles: Tensor, flags: Tensor, overflowed: list[int]
+    tables: GroupTables, params: list[Tensor], use: Tensor, versions: Tensor, overflowed: list[int]
 ) -> list[tuple[tuple[int, ...], float]]:
     """Keep each parameter's new sum of x^2 for the next step; return the stale carried ones."""
-    for i in overflowed:  # stepped elsewhere: re-read x next time
-        if getattr(params[i], _CARRY_ATTR, None) is not False:
-            setattr(params[i], _CARRY_ATTR, None)
-    skip = set(overflowed)
+    doubles = tables.doubles
+    carried, old = doubles[:, _TD_CARRIED], doubles[:, _TD_OLD_SQ]
+    ok = ~tables.carry_off
+    if overflowed:  # stepped elsewhere (no pass 3 here): re-read x next time
+        ok[overflowed] = False
+    # a carried sum must equal pass 3's re-sum of the same x bit for bit (NaN counts as equal)
+    stale_mask = use & ok & (carried != old) & ~(carried.isnan() & old.isnan())
     stale = []
-    use = (flags & _F_USE_CARRIED).bool().tolist()
-    carried, old, new = (doubles[:, k].tolist() for k in (_TD_CARRIED, _TD_OLD_SQ, _TD_NEW_SQ))
-    for i, p in enumerate(params):
-        if i in skip or getattr(p, _CARRY_ATTR, None) is False:
-            continue
-        c, o = carried[i], old[i]
-        if use[i] and not (c == o or (math.isnan(c) and math.isnan(o))):
-            stale.append((tuple(p.shape), abs(math.sqrt(c / o) - 1) if o > 0 else math.inf))
-            setattr(p, _CARRY_ATTR, False)  # this parameter is re-read every step from now on
-        else:
-            setattr(p, _CARRY_ATTR, (p.data_ptr(), p._version, new[i]))
+    if bool(stale_mask.any()):
+        for i in stale_mask.nonzero().flatten().tolist():
+            c, o = float(carried[i]), float(old[i])
+            stale.append((tuple(params[i].shape), abs(math.sqrt(c / o) - 1) if o > 0 else math.inf))
+            setattr(params[i], _CARRY_ATTR, False)  # re-read every step from now on
+        tables.carry_off |= stale_mask
+        ok &= ~stale_mask
+    doubles[:, _TD_CARRIED] = doubles[:, _TD_NEW_SQ]
+    tables.carry_version, tables.carry_ok = versions, ok
     return stale
 
 

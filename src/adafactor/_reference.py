@@ -13,8 +13,8 @@ next can start):
     pass 2  update RMS   U = g / sqrt(V_hat)   (the full second moment V is updated here)
     pass 3  apply        X <- decay(X) - alpha * U / max(1, RMS(U) / d)   (momentum here)
 
-A distributed driver runs pass 1 of every tensor, all-reduces the partial sums once, and so on;
-the single-device driver :func:`adafactor_tensor_step` chains the passes directly.
+:mod:`adafactor._driver` sequences the passes, for one device and for DTensor shards (which
+all-reduce the partial sums between them).
 
 Notation: ``t`` is the 1-based step, ``g`` the gradient, ``x`` the parameter; all arithmetic runs
 in float32 (float64 for float64 parameters) whatever the storage dtype.
@@ -35,7 +35,6 @@ from .factoring import FactorDims
 __all__ = [
     "GradSums",
     "TensorStep",
-    "adafactor_tensor_step",
     "apply_update",
     "compute_dtype",
     "grad_square_sums",
@@ -81,13 +80,19 @@ class TensorStep:
     update: Tensor | None = None  # U (or momentum-based numerator / sqrt(V_hat)), pass 2
     update_rms: Tensor | None = None  # RMS(U) before clipping, set after pass 2
     row_var_mean: Tensor | None = None  # mean of R over rows; a sharded driver sets the reduced one
-    # float64 math for a finite gradient whose squares overflow float32 (see adafactor_tensor_step):
-    # this step's new statistics, unrounded, by state key (the state keeps them saturated)
+    # float64 math with statistics stored narrower (see widen): this step's new statistics,
+    # unrounded, by state key (the state keeps them saturated)
     wide: dict[str, Tensor] | None = None
 
     @property
     def lr(self) -> float | Tensor:
         return self.scalars.lr
+
+    def widen(self) -> None:
+        """Float64 math from pass 1 on, for a finite gradient whose squares overflow float32
+        (|g| above about 1.8e19, or sums beyond 3.4e38), which would otherwise turn the whole
+        tensor into NaN. Pass 1 changes nothing, so the driver can decide after it."""
+        self.grad, self.wide = self.grad.double(), {}
 
 
 def prepare(
@@ -234,8 +239,7 @@ def update_square_sum(ts: TensorStep) -> Tensor:
             v_hat = v_hat.clamp(min=eps1 * eps1)
     numerator = g
     if plan.momentum == Momentum.GRAD:
-        exp_avg = state["exp_avg"]
-        exp_avg.lerp_(g.to(exp_avg.dtype), 1.0 - _beta1(plan))
+        exp_avg = _lerp_finite_(state["exp_avg"], g, 1.0 - _beta1(plan))
         numerator = exp_avg.to(g.dtype)
     if ts.dims is not None and not clamp:
         ts.update = numerator * inv_row * inv_col
@@ -255,17 +259,18 @@ def apply_update(ts: TensorStep, update_sq_sum: Tensor, noise: Tensor | None = N
     plan, state = ts.plan, ts.state
     assert ts.update is not None
     ts.update_rms = (update_sq_sum / max(ts.numel, 1)).sqrt()
-    update = ts.update
+    # saturated where the math overflows (_saturate): without update clipping, U of elements far
+    # from an outlier can exceed float32; every finite result is kept bit for bit
+    update = _saturate(ts.update, ts.update.dtype)
     if plan.clip_threshold is not None:
         update = update / (ts.update_rms / plan.clip_threshold).clamp(min=1.0)
     if plan.momentum == Momentum.NORMALIZED_UPDATE:  # big_vision: momentum of U_hat, before alpha
-        exp_avg = state["exp_avg"]
-        exp_avg.lerp_(update.to(exp_avg.dtype), 1.0 - _beta1(plan))
+        exp_avg = _lerp_finite_(state["exp_avg"], update, 1.0 - _beta1(plan))
         update = exp_avg.to(update.dtype)
-    update = update * ts.alpha
+    alpha = _saturate_scalar(ts.alpha)  # RMS(x) of a saturated x overflows a float32 sum
+    update = _saturate(update * alpha, update.dtype)
     if plan.momentum == Momentum.UPDATE:  # Tensor2Tensor / transformers / optax: of alpha U_hat
-        exp_avg = state["exp_avg"]
-        exp_avg.lerp_(update.to(exp_avg.dtype), 1.0 - _beta1(plan))
+        exp_avg = _lerp_finite_(state["exp_avg"], update, 1.0 - _beta1(plan))
         update = exp_avg.to(update.dtype)
 
     x = ts.param.to(update.dtype)  # a copy for low-precision parameters
@@ -277,17 +282,17 @@ def apply_update(ts: TensorStep, update_sq_sum: Tensor, noise: Tensor | None = N
         elif mode == WeightDecay.LR_BEFORE:  # Keras: x - x wd lr (1 - 1e-5 would round in fp32)
             x = x - x * (ts.lr * wd)
         elif mode == WeightDecay.ALPHA:
-            x = x - x * (ts.alpha * wd)
+            x = x - x * _saturate_scalar(alpha * wd)
         else:  # UNSCALED; an lr of 0 still changes nothing (DCP's get_state_dict steps with it)
             x = x - x * (wd * (ts.lr != 0))
-    x = x - update
+    x = x - update  # (+-inf at most: update is finite, so no inf - inf)
     if ts.param.dtype == torch.bfloat16 and plan.stochastic_rounding:
         assert noise is not None, "stochastic rounding needs the draws of rounding_noise()"
-        ts.param.copy_(stochastic_round_to_bf16(x, noise))
+        ts.param.copy_(stochastic_round_to_bf16(_saturate(x, torch.bfloat16), noise))
     elif ts.param.dtype == torch.bfloat16 and plan.kahan_summation and "kahan_comp" in state:
-        ts.param.copy_(kahan_round_to_bf16(x, state["kahan_comp"]))
+        ts.param.copy_(_kahan_round_saturated(x, state["kahan_comp"]))
     else:
-        ts.param.copy_(x)
+        ts.param.copy_(_saturate(x, ts.param.dtype))
 
 
 def kahan_round_to_bf16(x: Tensor, comp: Tensor) -> Tensor:
@@ -321,38 +326,6 @@ def stochastic_round_to_bf16(x: Tensor, noise: Tensor) -> Tensor:
     return rounded.view(torch.float32).to(torch.bfloat16)
 
 
-# ---------------------------------------------------------------------------------------------
-# one tensor, all passes
-# ---------------------------------------------------------------------------------------------
-def adafactor_tensor_step(
-    ts: TensorStep,
-    global_grad_scale: Tensor | None = None,
-    noise: Tensor | None = None,
-    wide: bool = False,
-) -> None:
-    """Run the three passes on one unsharded tensor (the single-device reference path).
-
-    A finite gradient whose squares overflow float32 (|g| above about 1.8e19, or sums beyond
-    3.4e38) would turn the whole tensor into NaN. Pass 1 changes nothing, so such a tensor (on the
-    CPU, where the check costs no sync; or with ``wide=True``) is stepped in float64 instead:
-    finite gradients give finite parameters and state (statistics saturate at float32's maximum).
-    """
-    sums = grad_square_sums(ts)
-    if wide or (ts.grad.dtype == torch.float32 and _overflowed(ts, sums)):
-        ts.grad, ts.wide = ts.grad.double(), {}
-        sums = grad_square_sums(ts)
-    finish_statistics(ts, sums, global_grad_scale)
-    apply_update(ts, update_square_sum(ts), noise)
-
-
-def _overflowed(ts: TensorStep, sums: GradSums) -> bool:
-    """A finite gradient's float32 sums of squares overflowed (CPU tensors only: no sync)."""
-    if ts.grad.device.type != "cpu":
-        return False
-    parts = [sums.grad_sq.reshape(1)] + [t.flatten() for t in (sums.row, sums.col) if t is not None]
-    return not bool(torch.cat(parts).isfinite().all()) and bool(ts.grad.isfinite().all())
-
-
 def finish_statistics(ts: TensorStep, sums: GradSums, global_grad_scale: Tensor | None) -> None:
     """Between passes 1 and 2: gradient clip factor, step size, factored moving averages."""
     if ts.plan.clipnorm is not None:
@@ -378,3 +351,50 @@ def _beta1(plan: GroupPlan) -> float:
 
 def _square(value: float | Tensor) -> float | Tensor:
     return value * value
+
+
+# ---------------------------------------------------------------------------------------------
+# saturation: finite gradients give finite parameters and state without update clipping
+# ---------------------------------------------------------------------------------------------
+def _saturate(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` clamped to +-(``dtype``'s largest value), NaN kept. A value that rounds to a finite
+    ``dtype`` value is unchanged (rounding a clamped value gives the same bits); only what would
+    round to +-inf becomes the largest finite value."""
+    big = torch.finfo(dtype).max
+    return x.clamp(-big, big)
+
+
+def _saturate_scalar(value: float | Tensor) -> float | Tensor:
+    """A non-negative scalar (alpha_t, alpha_t wd) at most its dtype's largest value: alpha_t is
+    inf once a float32 sum of x^2 overflows, and inf * 0 would be NaN."""
+    if isinstance(value, Tensor):
+        return value.clamp(max=torch.finfo(value.dtype).max)
+    return value
+
+
+def _lerp_finite_(state: Tensor, end: Tensor, weight: float) -> Tensor:
+    """``state.lerp_(end, weight)`` that stays finite for finite operands; returns ``state``.
+
+    ``end`` is saturated to ``state``'s dtype before it is rounded to it. torch's lerp
+    ``a + w (b - a)`` (``b - (b - a)(1 - w)`` for ``w >= 0.5``) overflows to inf where ``b - a``
+    does (operands of opposite signs near the largest value; NaN at ``w = 1``), so there the
+    weighted sum ``a (1 - w) + b w`` (each product finite) replaces it; the result is stored
+    saturated. In the state dtype's math (float32 for bfloat16) as torch's lerp_."""
+    math = compute_dtype(state.dtype)
+    a = state.to(math)
+    b = _saturate(end, state.dtype).to(state.dtype).to(math)
+    out = torch.lerp(a, b, weight)
+    w = torch.tensor(weight, dtype=math)
+    keep = 1 - w  # (the kernels' 1.0f - w)
+    out = torch.where(out.abs() <= torch.finfo(math).max, out, a * keep + b * w)
+    state.copy_(_saturate(out, state.dtype))
+    return state
+
+
+def _kahan_round_saturated(x: Tensor, comp: Tensor) -> Tensor:
+    """:func:`kahan_round_to_bf16` with ``t = x + c`` saturated at bfloat16's largest value (an
+    overflowed ``x`` is +-inf, and ``t`` near the top can round to inf)."""
+    t = _saturate(x.to(torch.float32) + comp.to(torch.float32), torch.bfloat16)
+    rounded = t.to(torch.bfloat16)
+    comp.copy_(t - rounded.to(torch.float32))
+    return rounded

@@ -281,7 +281,7 @@ class GradientRelease:
         if len(snaps) < len(opt.param_groups):
             snaps.extend([None] * (len(opt.param_groups) - len(snaps)))
         snaps[index] = check_group_cached(group, snaps[index])
-        stats = opt._step_group(group, [p], [grad], None, None)
+        stats = opt._step_group(index, group, [p], [grad], None, None)
         p.grad = None
         if record is not None:
             record.stats[p] = stats

@@ -31,6 +31,7 @@ __all__ = [
     "STATE_DTYPES",
     "WEIGHT_DECAY_MODES",
     "GroupSnapshot",
+    "check_added_group",
     "check_group",
     "check_group_cached",
     "check_instance_options",
@@ -204,6 +205,10 @@ def check_lr(lr: Any) -> float | Tensor | Callable[[int], Any]:
                 )
         return lr
     if callable(lr):
+        return lr
+    if torch.compiler.is_compiling():
+        # traced, a float lr is a symbolic value: comparing it here would specialise the graph on
+        # it (a recompile per new lr); the op checks the value it receives instead
         return lr
     v = _real("lr", lr, _LR_HINT)
     if v < 0.0:
@@ -500,6 +505,8 @@ def _check_decay_factor(wd: float, mode: str, lr: Any) -> None:
             f"1 - weight_decay = {1.0 - wd:.3g} each step, which flips the sign of every weight "
             "(and grows it beyond 2); use weight_decay <= 1 (optax and T5X use about 1e-4)"
         )
+    if torch.compiler.is_compiling():  # lr is symbolic there (see check_lr)
+        return
     if mode in ("lr", "lr_before") and (type(lr) is float or type(lr) is int) and lr * wd > 1.0:
         raise ValueError(
             f"weight_decay={wd!r} with lr={lr!r} and weight_decay_mode={mode!r} multiplies x by "
@@ -681,6 +688,23 @@ def _sorted(keys: Iterable[Any]) -> list[Any]:
         return sorted(keys)
     except TypeError:  # mixed key types
         return sorted(keys, key=repr)
+
+
+def check_added_group(group: dict[str, Any], index: int, instance: dict[str, Any]) -> None:
+    """A param group added after construction (``index``): its options, those it combines with
+    the optimizer's ``instance`` options (once the constructor set them), and its parameters."""
+    check_group(group)
+    if instance.get("global_clipnorm") is not None:
+        check_instance_options(
+            impl=instance["impl"],
+            carry_param_rms=instance["carry_param_rms"],
+            generator=instance["generator"],
+            global_clipnorm=instance["global_clipnorm"],
+            clipnorm=group["clipnorm"],
+            clipvalue=group["clipvalue"],
+        )
+    for i, p in enumerate(group["params"]):
+        check_param(p, f"param_groups[{index}]['params'][{i}]", group["factored"])
 
 
 def check_param(param: Tensor, where: str, factored: bool) -> None:

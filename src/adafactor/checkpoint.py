@@ -15,15 +15,19 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed
+from ._state import STATE_KEYS, expected_state
 from ._validation import check_group, check_loaded_state, check_param, check_state_ids
 
 if TYPE_CHECKING:
     from .optimizer import Adafactor
 
-__all__ = ["load_state_dict", "migrate_group", "torch_state_dict", "translate_group"]
-
-# Every tensor key the optimizer may keep per parameter (torch.optim.Adafactor's names first).
-STATE_KEYS = ("step", "row_var", "col_var", "variance", "exp_avg", "ema", "kahan_comp")
+__all__ = [
+    "STATE_KEYS",
+    "load_state_dict",
+    "migrate_group",
+    "torch_state_dict",
+    "translate_group",
+]
 
 
 def load_state_dict(opt: Adafactor, state_dict: dict[str, Any]) -> None:
@@ -81,6 +85,7 @@ def load_state_dict(opt: Adafactor, state_dict: dict[str, Any]) -> None:
     for p, st in restored.items():
         opt.state[p] = st
     opt._group_snapshots = []
+    opt._state_layouts = {}
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
 
@@ -89,7 +94,7 @@ def _restore_state(
     opt: Adafactor, pid: Any, p: Tensor, group: dict[str, Any], saved: dict[str, Any]
 ) -> dict[str, Any]:
     """One parameter's saved state, checked against ``group``'s options and converted."""
-    expected = opt._expected_state(p, group)
+    expected = expected_state(p, group)
     known = set(STATE_KEYS) & set(saved)
     if known != set(expected) and saved:
         raise ValueError(
@@ -186,11 +191,14 @@ def translate_group(saved: dict[str, Any], current: dict[str, Any]) -> dict[str,
     return group
 
 
-def migrate_group(group: dict[str, Any]) -> dict[str, Any]:
-    """Rename keys of checkpoints saved by older versions (in place; returns ``group``).
+def migrate_group(group: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rename keys of checkpoints saved by older versions and add the options they lack, from
+    ``defaults`` (in place; returns ``group``).
 
     Before 0.2 the momentum semantics lived under ``"momentum"``, a key torch schedulers and loggers
     read as a number."""
+    for key, value in (defaults or {}).items():
+        group.setdefault(key, value)
     if isinstance(group.get("momentum"), str):
         group.setdefault("momentum_kind", group.pop("momentum"))
     # the skip counter is a tensor the step op increments (no host sync); it was an int

@@ -18,12 +18,20 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.adafactor.step_)
 )
 from ._plan import GroupPlan, Momentum, plan_of
-from ._reference import rounding_noise
+from ._reference import norm_clip_factor, rounding_noise
 from ._validation import resolve_lr
 from .distributed import has_dtensor
 from .factoring import FactorDims, factor_dims
 
-__all__ = ["GroupResult", "adafactor", "group_plan", "step_lr"]
+__all__ = [
+    "GroupResult",
+    "MissingStateError",
+    "adafactor",
+    "found_inf",
+    "global_grad_scale",
+    "group_plan",
+    "step_lr",
+]
 
 
 class GroupResult(NamedTuple):
@@ -41,8 +49,13 @@ def group_plan(group: dict[str, Any], impl: str, carry_param_rms: bool) -> Group
 
 def step_lr(lr: Any, states: list[dict[str, Any]]) -> float | Tensor:
     """lr_t of the coming step: the float or tensor itself, or a schedule of the 0-based update
-    index (Keras' convention; the group's first stepped tensor's counter, read on the host)."""
+    index (Keras' convention; the group's first stepped tensor's counter, read on the host,
+    or passed as a tensor while torch.compile traces)."""
     if callable(lr) and not isinstance(lr, Tensor):
+        if torch.compiler.is_compiling() and states:
+            # traced, the schedule gets the counter as a 0-d tensor (as Keras passes its
+            # iteration): a schedule written with torch ops traces without a host read
+            return resolve_lr(lr, states[0]["step"] + 0)
         return resolve_lr(lr, int(states[0]["step"]) if states else 0)
     return lr
 
@@ -66,6 +79,8 @@ def adafactor(
     ``group["skipped_steps"]``; ``generator`` drives stochastic rounding.
     """
     plan = group_plan(group, impl, carry_param_rms)
+    dims = _dims_list(params, group)
+    lists = _state_lists(params, states, dims, plan)  # before anything changes
     lr_t = step_lr(group["lr"], states)
     if impl == "fused" and any(p.device.type == "cpu" for p in params):
         _fused_cpu.load()  # raises FusedUnavailableError naming the cause and the fix
@@ -85,30 +100,20 @@ def adafactor(
             params, grads, states, group, plan, lr_t, global_grad_scale, generator
         )
         return GroupResult(_as_tensor(lr_t), alpha, rms)
-    dims = [_dims_of(p, group) for p in params]
-    row_vars, col_vars, variances = [], [], []
-    for d, state in zip(dims, states):
-        if d is None:
-            variances.append(state["variance"])
-        else:
-            row_vars.append(state["row_var"])
-            col_vars.append(state["col_var"])
     noise: list[Tensor] = []
     if plan.stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params):
         noise = [_noise(p, generator) for p in params]
-    kahan_comps: list[Tensor] = []
-    if plan.kahan_summation and any(p.dtype == torch.bfloat16 for p in params):
-        kahan_comps = [_comp(p, state) for p, state in zip(params, states)]
     lr_tensor = _as_tensor(lr_t)
+    steps, row_vars, col_vars, variances, exp_avgs, emas, kahan_comps = lists
     alpha, update_rms = torch.ops.adafactor.step_(
         params,
         grads,
-        [state["step"] for state in states],
+        steps,
         row_vars,
         col_vars,
         variances,
-        [state["exp_avg"] for state in states] if plan.momentum != Momentum.NONE else [],
-        [state["ema"] for state in states] if plan.use_ema else [],
+        exp_avgs,
+        emas,
         noise,
         kahan_comps,
         [i for d in dims for i in (d if d is not None else (-1, -1))],
@@ -119,6 +124,37 @@ def adafactor(
         *plan.as_args(),
     )
     return GroupResult(lr_tensor, alpha, update_rms)
+
+
+def global_grad_scale(grads: list[Tensor], max_norm: float) -> Tensor | None:
+    """The factor min(1, max_norm / ||g||) of global_clipnorm over every gradient (a 0-d tensor,
+    no host read); None without gradients. DTensor shards: local sums, one all-reduce."""
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return None
+    if has_dtensor(grads):
+        from .distributed import grad_square_sum
+
+        sq_sum = grad_square_sum(grads)
+    else:
+        # float64 accumulation: finite gradients never overflow the norm (and no fp32 copies)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        sq_sum = torch.stack(norms).square().sum()
+    return norm_clip_factor(sq_sum, max_norm)
+
+
+def found_inf(grads: list[Tensor]) -> Tensor:
+    """A bool tensor: some gradient holds inf or NaN (the max-abs norm is not finite; no sync).
+    DTensor shards: decided alike on every rank, so all skip the same steps."""
+    if has_dtensor(grads):
+        from .distributed import found_inf as sharded_found_inf
+
+        return sharded_found_inf(grads)
+    grads = [g for g in grads if g.numel()]  # (an empty max-abs norm has no value)
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
+    norms = torch._foreach_norm(grads, float("inf"))
+    return torch.stack(norms).isfinite().all().logical_not()
 
 
 def _as_tensor(lr: float | Tensor) -> Tensor:
@@ -137,17 +173,59 @@ def _noise(p: Tensor, generator: torch.Generator | None) -> Tensor:
     return rounding_noise(p, generator) if p.dtype == torch.bfloat16 else _EMPTY_NOISE
 
 
+class MissingStateError(KeyError):
+    """A state tensor the group's options need is missing (raised before anything changed):
+    an option was turned on after the first step, or the state was never created."""
+
+
+def _state_lists(
+    params: list[Tensor],
+    states: list[dict[str, Any]],
+    dims: list[FactorDims | None],
+    plan: GroupPlan,
+) -> tuple[list[Tensor], ...]:
+    """The op's state lists: steps, row_vars, col_vars, variances, exp_avgs, emas, kahan_comps."""
+    try:
+        steps = [st["step"] for st in states]
+        row_vars, col_vars, variances = [], [], []
+        for d, st in zip(dims, states):
+            if d is None:
+                variances.append(st["variance"])
+            else:
+                row_vars.append(st["row_var"])
+                col_vars.append(st["col_var"])
+        exp_avgs = [st["exp_avg"] for st in states] if plan.momentum != Momentum.NONE else []
+        emas = [st["ema"] for st in states] if plan.use_ema else []
+        kahan_comps: list[Tensor] = []
+        if plan.kahan_summation and any(p.dtype == torch.bfloat16 for p in params):
+            kahan_comps = [_comp(p, st) for p, st in zip(params, states)]
+    except KeyError as exc:
+        raise MissingStateError(*exc.args) from None
+    return steps, row_vars, col_vars, variances, exp_avgs, emas, kahan_comps
+
+
 def _comp(p: Tensor, state: dict[str, Any]) -> Tensor:
     # non-bf16 parameters keep no compensation: a fresh empty tensor (mutated lists must not alias)
-    comp = state.get("kahan_comp")
-    return comp if comp is not None else p.new_empty(0, dtype=torch.bfloat16)
+    if p.dtype == torch.bfloat16:
+        return state["kahan_comp"]
+    return p.new_empty(0, dtype=torch.bfloat16)
 
 
-_DIMS: dict[tuple[Any, ...], FactorDims | None] = {}
+# factoring options -> parameter shape -> factored dims (a lookup per tensor per step)
+_DIMS: dict[tuple[Any, ...], dict[torch.Size, FactorDims | None]] = {}
+
+
+def _dims_list(params: list[Tensor], group: dict[str, Any]) -> list[FactorDims | None]:
+    options = (group["factor_dims"], group["min_dim_size_to_factor"], group["factored"])
+    by_shape = _DIMS.setdefault(options, {})
+    out = []
+    for p in params:
+        shape = p.shape
+        if shape not in by_shape:
+            by_shape[shape] = factor_dims(tuple(shape), *options)
+        out.append(by_shape[shape])
+    return out
 
 
 def _dims_of(p: Tensor, group: dict[str, Any]) -> FactorDims | None:
-    key = (p.shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"])
-    if key not in _DIMS:
-        _DIMS[key] = factor_dims(tuple(p.shape), *key[1:])
-    return _DIMS[key]
+    return _dims_list([p], group)[0]

@@ -40,7 +40,10 @@ entry per parameter: :math:`\\alpha_t` and RMS(U) before update clipping.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+import operator
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -48,11 +51,13 @@ from torch import Tensor
 
 from . import _fused_cpu
 from . import _reference as ref
+from ._driver import LOCAL, LocalPasses, ReferencePasses, run_passes, update_ema
 from ._plan import GroupPlan, Impl, StepScalars, step_scalars
+from ._validation import F32_MAX
 from .factoring import FactorDims
 from .kernels import triton_module
 
-__all__ = ["SCHEMA", "OpArgs", "check_inputs", "step_", "update_ema"]
+__all__ = ["SCHEMA", "OpArgs", "check_inputs", "check_lr", "step_"]
 
 SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars, "
@@ -126,6 +131,58 @@ def check_inputs(op: OpArgs) -> None:
             raise ValueError(f"adafactor.step_: {name} has {got} entries, expected {want}")
     if not _all_fit(op):
         _explain(op)
+
+
+def check_lr(lr: Tensor) -> None:
+    """The step's lr, which a compiled step passes unchecked (see ``_validation.check_lr``):
+    finite, >= 0, within float32. On the CPU only: reading a device tensor would synchronise."""
+    if lr.device.type == "cpu":
+        value = float(lr)
+        if not 0.0 <= value <= F32_MAX:  # NaN fails too
+            raise ValueError(
+                f"adafactor.step_: lr is {value!r}; a learning rate must be finite, >= 0 and at "
+                "most float32's largest value 3.4e38 (check what wrote param_groups[i]['lr'] or "
+                "what the lr schedule returned)"
+            )
+
+
+_META = operator.attrgetter("shape", "dtype", "device", "layout")
+_POINTED = ("params", "steps", "row_vars", "col_vars", "variances", "exp_avgs", "emas")
+_POINTED += ("kahan_comps",)
+
+
+def _signature(op: OpArgs) -> list[Any] | None:
+    """Everything :func:`check_inputs` and the kernel's cached tables read from the inputs, read
+    at C speed (about 0.3 us a tensor): type, pointer, shape, dtype, device, layout and contiguity
+    of every parameter and state tensor, and all but the pointer of the gradients and noise (new
+    tensors each step). Equal to a checked signature, the inputs pass the checks. None when a
+    tensor has no data pointer."""
+    # Thousands of short-lived tuples: with the collector on, those alive at a collection would
+    # be promoted and trigger full collections of the whole heap (measured: 3 us a tensor).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        sig: list[Any] = [op.factor_dims]
+        for name in _POINTED:
+            ts = getattr(op, name)
+            sig.append(
+                list(
+                    zip(
+                        map(type, ts),
+                        map(Tensor.data_ptr, ts),
+                        map(_META, ts),
+                        map(Tensor.is_contiguous, ts),
+                    )
+                )
+            )
+        for ts in (op.grads, op.noise):
+            sig.append(list(zip(map(type, ts), map(_META, ts), map(Tensor.is_contiguous, ts))))
+    except RuntimeError:
+        return None
+    finally:
+        if collecting:
+            gc.enable()
+    return sig
 
 
 _STATE_DTYPES = frozenset((torch.float32, torch.float64, torch.bfloat16))
@@ -294,236 +351,228 @@ def _reference_impl(
     advance: bool = True,
     wide: bool = False,
 ) -> None:
-    """The readable math, one tensor after another (``index``: positions in the outputs;
-    ``advance=False``: the step counters were advanced already; ``wide``: in float64)."""
+    """The reference math through the driver with no collectives (``index``: positions in the
+    outputs; ``advance=False``: the step counters were advanced already; ``wide``: in float64)."""
     lr_value: float | Tensor = lr if lr.device.type != "cpu" else float(lr)
-    for k, i in enumerate(index):
-        p, g, state = params[k], grads[k], states[k]
-        step = state["step"]
-        if advance:
-            step += 1
-        if p.numel() == 0:  # counted, nothing to update (alpha and RMS(U) stay 0)
-            continue
-        t = float(step)
-        sc = step_scalars(plan, t, lr_value)
-        ts = ref.prepare(p, g, state, plan, sc, dims[k])
-        ref.adafactor_tensor_step(ts, grad_scale, noise[k] if noise else None, wide)
-        assert ts.update_rms is not None
-        alphas[i] = ts.alpha
-        rmss[i] = ts.update_rms
-        if plan.use_ema:
-            update_ema(p, state["ema"], plan, t)
+    stepped: list[int] = []  # positions of the non-empty tensors, in the driver's order
 
+    def tensors() -> Iterator[LocalPasses]:  # each made when the driver gets to it
+        for k in range(len(index)):
+            p, step = params[k], states[k]["step"]
+            if advance:
+                step += 1
+            if p.numel() == 0:  # counted, nothing to update (alpha and RMS(U) stay 0)
+                continue
+            scalars = step_scalars(plan, float(step), lr_value)
+            ts = ref.prepare(p, grads[k], states[k], plan, scalars, dims[k])
+            if wide:
+                ts.widen()
+            stepped.append(k)
+            yield ReferencePasses(ts)
 
-def update_ema(p: Tensor, ema: Tensor, plan: GroupPlan, t: float) -> None:
-    """ema <- m * ema + (1 - m) * x; every ``ema_overwrite_frequency`` steps x <- ema (Keras)."""
-    m = plan.ema_momentum
-    # tf_keras' expression (two products and a sum), so the EMA rounds as it does there; but where
-    # x equals the EMA it stays exact (the expression rounds by an ulp, which a step that changes
-    # nothing, such as DCP's get_state_dict with lr 0, would write into x at an overwrite)
-    x = p.to(ema.dtype)
-    ema.copy_(torch.where(x == ema, ema, ema * m + x * (1 - m)))
-    freq = plan.ema_overwrite_frequency
-    if freq is not None and int(t) % freq == 0:
-        p.copy_(ema)
+    draws = (lambda j: noise[stepped[j]]) if noise else None
+    out = run_passes(tensors(), plan, LOCAL, grad_scale, draws)
+    for k, (alpha, rms) in zip(stepped, out):
+        alphas[index[k]] = alpha
+        rmss[index[k]] = rms
 
 
 def _states(
-    params: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    factor_dims: Sequence[int],
-    kahan_comps: Sequence[Tensor] = (),
+    op: OpArgs, index: Sequence[int] | None = None
 ) -> tuple[list[dict[str, Tensor]], list[FactorDims | None]]:
-    """Per-parameter state dicts (the reference's view) and factored dims from the flat lists."""
+    """Per-parameter state dicts (the reference's view) and factored dims from the flat lists,
+    for the parameters at ``index`` (default all)."""
     states, dims = [], []
     fi = vi = 0
-    for i in range(len(params)):
-        d = _dims(factor_dims, i)
-        st = {"step": steps[i]}
-        if d is not None:
-            st["row_var"], st["col_var"] = row_vars[fi], col_vars[fi]
-            fi += 1
-        else:
-            st["variance"] = variances[vi]
-            vi += 1
-        if exp_avgs:
-            st["exp_avg"] = exp_avgs[i]
-        if emas:
-            st["ema"] = emas[i]
-        if kahan_comps and kahan_comps[i].numel():
-            st["kahan_comp"] = kahan_comps[i]
-        states.append(st)
-        dims.append(d)
+    wanted = range(len(op.params)) if index is None else set(index)
+    for i in range(len(op.params)):
+        d = _dims(op.factor_dims, i)
+        factored = d is not None
+        if i in wanted:
+            st = {"step": op.steps[i]}
+            if factored:
+                st["row_var"], st["col_var"] = op.row_vars[fi], op.col_vars[fi]
+            else:
+                st["variance"] = op.variances[vi]
+            if op.exp_avgs:
+                st["exp_avg"] = op.exp_avgs[i]
+            if op.emas:
+                st["ema"] = op.emas[i]
+            if op.kahan_comps and op.kahan_comps[i].numel():
+                st["kahan_comp"] = op.kahan_comps[i]
+            states.append(st)
+            dims.append(d)
+        fi, vi = (fi + 1, vi) if factored else (fi, vi + 1)
     return states, dims
 
 
 def _run(on_cpu: bool, op: OpArgs, plan: GroupPlan) -> tuple[Tensor, Tensor]:
     """The CPU (``on_cpu``) and reference implementations: the kernel chosen by ``plan.impl`` for
     the tensors it supports, the reference math for the rest."""
-    check_inputs(op)
-    (params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, kahan_comps,
-     factor_dims, lr, grad_scale, found_inf, skipped_steps) = op  # fmt: skip
-    n = len(params)
-    device = params[0].device if params else lr.device
+    if not plan.kahan_summation:  # the buffers are used only with the option
+        op = op._replace(kahan_comps=[])
+    check_lr(op.lr)
+    fused = on_cpu and plan.impl in (Impl.AUTO, Impl.FUSED) and _fused_cpu.available()
+    group = _fused_group(op) if fused else None  # checks the inputs (cached)
+    if group is None:
+        check_inputs(op)
+    n = len(op.params)
+    device = op.params[0].device if op.params else op.lr.device
     alphas = torch.zeros(n, dtype=torch.float32, device=device)
     rmss = torch.zeros(n, dtype=torch.float32, device=device)
-    if found_inf is not None and bool(found_inf):  # skip_nonfinite: change nothing
-        skipped_steps.add_(1)
+    if op.found_inf is not None and bool(op.found_inf):  # skip_nonfinite: change nothing
+        op.skipped_steps.add_(1)
         return alphas, rmss
-    if not plan.kahan_summation:  # the buffers are used only with the option
-        kahan_comps = []
-    states, dims = _states(
-        params, steps, row_vars, col_vars, variances, exp_avgs, emas, factor_dims, kahan_comps
-    )
     fast: list[int] = []
     if plan.impl == Impl.TRITON:  # opt-in: kernels not yet run on a GPU
         tk = triton_module()
-        fast = [i for i in range(n) if tk.supports(params[i], grads[i], states[i], plan, dims[i])]
+        states, dims = _states(op)
+        fast = [
+            i for i in range(n) if tk.supports(op.params[i], op.grads[i], states[i], plan, dims[i])
+        ]
         if fast:  # one batched step for all of them
             tk.run_part(
-                plan, params, grads, states, dims, noise, lr, grad_scale, fast, alphas, rmss
-            )
-    elif on_cpu and plan.impl in (Impl.AUTO, Impl.FUSED) and _fused_cpu.available():
-        fast = [
-            i
-            for i in range(n)
-            if params[i].numel() and _fused_cpu.supports(params[i], grads[i], states[i])
-        ]
-        if fast:
-            _kernel_part(
-                plan, params, grads, states, dims, noise, lr, grad_scale, fast, alphas, rmss
-            )
-    done = set(fast)
-    rest = [i for i in range(n) if i not in done]
+                plan, op.params, op.grads, states, dims, op.noise, op.lr, op.grad_scale, fast,
+                alphas, rmss,
+            )  # fmt: skip
+    elif group is not None and group.fast:
+        fast = group.fast
+        _kernel_part(op, plan, group, alphas, rmss)
+    taken = set(fast)
+    rest = [i for i in range(n) if i not in taken]
     if rest:
-        _reference_impl(
-            plan,
-            [params[i] for i in rest],
-            [grads[i] for i in rest],
-            [states[i] for i in rest],
-            [dims[i] for i in rest],
-            lr,
-            grad_scale,
-            [noise[i] for i in rest] if noise else [],
-            alphas,
-            rmss,
-            rest,
-        )
+        _reference_rest(op, plan, rest, alphas, rmss)
     return alphas, rmss
 
 
-_TABLES: dict[tuple[int, ...], _fused_cpu.GroupTables] = {}
-
-
-def _kernel_part(
+def _reference_rest(
+    op: OpArgs,
     plan: GroupPlan,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Tensor]],
-    dims: list[FactorDims | None],
-    noise: list[Tensor],
-    lr: Tensor,
-    grad_scale: Tensor | None,
     index: list[int],
     alphas: Tensor,
     rmss: Tensor,
+    advance: bool = True,
+    wide: bool = False,
 ) -> None:
-    ps = [params[i] for i in index] if len(index) < len(params) else params
-    sts = [states[i] for i in index] if len(index) < len(params) else states
-    key = tuple(id(p) for p in ps)
-    tables = _TABLES.get(key)
-    if tables is None or not tables.valid_for(ps, sts):
-        tables = _fused_cpu.GroupTables(ps, sts, [dims[i] for i in index])
-        if len(_TABLES) > 64:  # groups of optimizers that are gone
-            _TABLES.clear()
-        _TABLES[key] = tables
-    lr_value = float(lr)
+    """The reference math for the parameters at ``index``."""
+    states, dims = _states(op, index)
+    _reference_impl(
+        plan,
+        [op.params[i] for i in index],
+        [op.grads[i] for i in index],
+        states,
+        dims,
+        op.lr,
+        op.grad_scale,
+        [op.noise[i] for i in index] if op.noise else [],
+        alphas,
+        rmss,
+        index,
+        advance=advance,
+        wide=wide,
+    )
+
+
+class _FusedGroup(NamedTuple):
+    """A param group's checked inputs, as the fused kernel sees them (cached across steps)."""
+
+    refs: list[weakref.ref[Tensor]]  # the parameters (an id can be reused once one is gone)
+    signature: list[Any]  # of the inputs that passed the checks (:func:`_signature`)
+    fast: list[int]  # the parameters the kernel steps
+    tables: _fused_cpu.GroupTables | None
+
+
+_FUSED_GROUPS: dict[tuple[int, ...], _FusedGroup] = {}
+_MAX_GROUPS = 4096  # least recently used beyond (one per tensor under gradient release)
+
+
+def _fused_group(op: OpArgs) -> _FusedGroup:
+    """Check the inputs and find the tensors the kernel supports, or reuse the last step's
+    answer when the signature of the inputs is unchanged (the common case: ~0.3 us a tensor)."""
+    key = tuple(map(id, op.params))
+    sig = _signature(op)
+    group = _FUSED_GROUPS.pop(key, None)
+    if (
+        group is None
+        or sig is None
+        or group.signature != sig
+        or not all(map(operator.is_, [r() for r in group.refs], op.params))
+    ):
+        check_inputs(op)
+        states, dims = _states(op)
+        params, grads = op.params, op.grads
+        fast = [
+            i
+            for i in range(len(params))
+            if params[i].numel() and _fused_cpu.supports(params[i], grads[i], states[i])
+        ]
+        tables = None
+        if fast:
+            tables = _fused_cpu.GroupTables(
+                [params[i] for i in fast], [states[i] for i in fast], [dims[i] for i in fast]
+            )
+        group = _FusedGroup([weakref.ref(p) for p in params], sig or [], fast, tables)
+        if sig is None:
+            return group
+    if len(_FUSED_GROUPS) >= _MAX_GROUPS:
+        del _FUSED_GROUPS[next(iter(_FUSED_GROUPS))]
+    _FUSED_GROUPS[key] = group  # (re)inserted last: the dict's order is recency
+    return group
+
+
+def _kernel_part(
+    op: OpArgs, plan: GroupPlan, group: _FusedGroup, alphas: Tensor, rmss: Tensor
+) -> None:
+    index = group.fast
+    assert group.tables is not None
+    whole = len(index) == len(op.params)
+    lr_value = float(op.lr)
 
     def scalars_of(t: float) -> StepScalars:
         return step_scalars(plan, t, lr_value)
 
-    sr = [noise[i] for i in index] if noise else None
+    noise = None
+    if op.noise:
+        noise = op.noise if whole else [op.noise[i] for i in index]
     out = _fused_cpu.group_step(
-        tables,
-        ps,
-        [grads[i] for i in index],
+        group.tables,
+        op.params if whole else [op.params[i] for i in index],
+        op.grads if whole else [op.grads[i] for i in index],
         plan,
         scalars_of,
-        1.0 if grad_scale is None else float(grad_scale),
-        sr,
+        1.0 if op.grad_scale is None else float(op.grad_scale),
+        noise,
     )
-    if len(index) == len(params):
+    if whole:
         alphas.copy_(out.alpha)
         rmss.copy_(out.update_rms)
     else:
         where = torch.tensor(index)
         alphas[where] = out.alpha.float()
         rmss[where] = out.update_rms.float()
-    if out.overflowed:  # untouched by the kernel (step counted): the reference's float64 path
-        wide = [index[k] for k in out.overflowed]
-        _reference_impl(
-            plan,
-            [params[i] for i in wide],
-            [grads[i] for i in wide],
-            [states[i] for i in wide],
-            [dims[i] for i in wide],
-            lr,
-            grad_scale,
-            [noise[i] for i in wide] if noise else [],
-            alphas,
-            rmss,
-            wide,
-            advance=False,
-            wide=True,
-        )
+    wide = [index[k] for k in out.overflowed]
+    if wide:  # untouched by the kernel (step counted): the reference's float64 path
+        _reference_rest(op, plan, wide, alphas, rmss, advance=False, wide=True)
     if plan.use_ema:  # (the float64 path above updated its own)
-        done = {index[k] for k in out.overflowed}
-        for i in index:
+        done = set(wide)
+        ts = out.t.tolist()
+        for k, i in enumerate(index):
             if i not in done:
-                update_ema(params[i], states[i]["ema"], plan, float(states[i]["step"]))
+                update_ema(op.params[i], op.emas[i], plan, ts[k])
     if out.stale:
         _fused_cpu.warn_stale_rms(out.stale)
 
 
-@torch.library.custom_op("adafactor::step_", mutates_args=_MUTATED, schema=SCHEMA)
-def step_(*args: Any) -> tuple[Tensor, Tensor]:
+def _step_default(*args: Any) -> tuple[Tensor, Tensor]:
     """Any device: the reference math (arguments: :data:`SCHEMA`)."""
     return _run(False, *_split(args))
 
 
-_MUTATED_INDEX = [
-    i for i, arg in enumerate(step_._opoverload._schema.arguments) if arg.name in _MUTATED
-]
-
-
-def _bump_versions(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-    """Autograd's view of the op: bump the version counter of every tensor it writes.
-
-    Replaces torch.library's generic kernel, which bumps tensor by tensor from Python (about 2 us
-    each: 15 ms a step for 2000 parameters); here one call per mutated list."""
-    names = step_._opoverload._schema.arguments
-    for i in _MUTATED_INDEX:
-        value = args[i] if i < len(args) else kwargs[names[i].name]
-        torch._C._increment_version(value if isinstance(value, list) else [value])
-    after = keyset & torch._C._after_ADInplaceOrView_keyset
-    return step_._opoverload.redispatch(after, *args, **kwargs)
-
-
-step_._lib.impl("step_", _bump_versions, "ADInplaceOrView", with_keyset=True)
-
-
-@step_.register_kernel("cpu")
 def _step_cpu(*args: Any) -> tuple[Tensor, Tensor]:
     """CPU: the fused C kernel for the tensors it supports, the reference for the rest."""
     return _run(True, *_split(args))
 
 
-@step_.register_kernel("cuda")
 def _step_cuda(*args: Any) -> tuple[Tensor, Tensor]:
     """CUDA: the multi-tensor foreach implementation (:mod:`adafactor._foreach`) for
     ``impl="auto"`` and ``"fused"``; ``"reference"`` and ``"triton"`` as on other devices."""
@@ -533,11 +582,51 @@ def _step_cuda(*args: Any) -> tuple[Tensor, Tensor]:
     if plan.impl not in (Impl.AUTO, Impl.FUSED):
         return _run(False, op, plan)
     check_inputs(op)
+    check_lr(op.lr)
     k = OpArgs._fields.index("kahan_comps")  # a keyword of the foreach step
     return _foreach.group_step(*op[:k], *op[k + 1 :], plan, kahan_comps=op.kahan_comps)
 
 
-@step_.register_fake
+# Defined with the low-level torch.library API, one kernel per dispatch key: the
+# torch.library.custom_op wrappers (an autograd.Function, a pytree walk and an aliasing check
+# over every tensor) cost about 3 ms a call for 2000 parameters, a quarter of such a step.
+_LIB = torch.library.Library("adafactor", "DEF")
+_LIB.define("step_" + SCHEMA)
+step_ = torch.ops.adafactor.step_.default
+_MUTATED_INDEX = [i for i, arg in enumerate(step_._schema.arguments) if arg.name in _MUTATED]
+
+
+def _bump_versions(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+    """Autograd's view of the op: bump the version counter of every tensor it writes (one call
+    per mutated list; torch.library's generic kernel bumps tensor by tensor from Python)."""
+    names = step_._schema.arguments
+    for i in _MUTATED_INDEX:
+        value = args[i] if i < len(args) else kwargs[names[i].name]
+        torch._C._increment_version(value if isinstance(value, list) else [value])
+    return step_.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+
+def _no_derivative(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+    """Autograd: an optimizer step has no derivative (its outputs never require grad); like
+    every in-place op, it refuses a leaf that requires grad while grad mode is on."""
+    if torch.is_grad_enabled():
+        params = args[0] if args else kwargs["params"]
+        if any(p.requires_grad for p in params):
+            raise RuntimeError(
+                "adafactor.step_ updates parameters in place: call it under torch.no_grad() "
+                "(Adafactor.step does), as for any in-place update of a leaf that requires grad"
+            )
+    return step_.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+
+_LIB.impl("step_", _step_default, "CompositeExplicitAutograd")
+_LIB.impl("step_", _step_cpu, "CPU")
+_LIB.impl("step_", _step_cuda, "CUDA")
+_LIB.impl("step_", _bump_versions, "ADInplaceOrView", with_keyset=True)
+_LIB.impl("step_", _no_derivative, "Autograd", with_keyset=True)
+
+
+@torch.library.register_fake("adafactor::step_", lib=_LIB)
 def _step_fake(*args: Any) -> tuple[Tensor, Tensor]:
     op, _ = _split(args)
     check_inputs(op)

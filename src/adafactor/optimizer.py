@@ -9,18 +9,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _reference as ref
-from . import checkpoint, distributed
+from . import checkpoint
 from . import constructors as _ctors
 from ._release import GradientRelease, check_accumulation_steps
+from ._state import complete_state, state_options
 from ._validation import (
+    check_added_group,
     check_group,
     check_group_cached,
     check_instance_options,
-    check_param,
 )
-from .factoring import factor_dims
-from .functional import _dims_of, adafactor
+from .functional import GroupResult, MissingStateError, adafactor, found_inf, global_grad_scale
 from .presets import preset_defaults
 
 __all__ = ["Adafactor", "LRSchedule", "StepStats"]
@@ -306,6 +305,7 @@ class Adafactor(Optimizer):
         self._release: GradientRelease | None = None
         self.last_step_stats: list[StepStats | None] = []
         self._group_snapshots: list[Any] = []
+        self._state_layouts: dict[int, tuple[Any, ...]] = {}  # per group: state_options()
         super().__init__(params, defaults)
         if gradient_release:  # hooks every group's parameters (added groups: add_param_group)
             self._release = GradientRelease(self, accumulation_steps)
@@ -323,21 +323,10 @@ class Adafactor(Optimizer):
     # -----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
         checkpoint.migrate_group(group)
-        check_group(group)
-        if getattr(self, "global_clipnorm", None) is not None:
-            check_instance_options(
-                impl=self.impl,
-                carry_param_rms=self.carry_param_rms,
-                generator=self.generator,
-                global_clipnorm=self.global_clipnorm,
-                clipnorm=group["clipnorm"],
-                clipvalue=group["clipvalue"],
-            )
-        index = len(self.param_groups) - 1
-        for i, p in enumerate(group["params"]):
-            check_param(p, f"param_groups[{index}]['params'][{i}]", group["factored"])
+        options = {k: getattr(self, k) for k in _INSTANCE_DEFAULTS if hasattr(self, k)}
+        check_added_group(group, index, options)
         if getattr(self, "_release", None) is not None:
             self._release.add_group(index)
 
@@ -351,12 +340,9 @@ class Adafactor(Optimizer):
         for key, value in _INSTANCE_DEFAULTS.items():
             if not hasattr(self, key):
                 setattr(self, key, value)
-        self.last_step_stats = []
-        self._group_snapshots = []
+        self.last_step_stats, self._group_snapshots, self._state_layouts = [], [], {}
         for group in self.param_groups:  # checkpoints from older versions lack newer options
-            for key, value in _GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
-            checkpoint.migrate_group(group)
+            checkpoint.migrate_group(group, _GROUP_DEFAULTS)
         # unpickled or deep-copied (not load_state_dict, which keeps the live hooks): hook the
         # copy's own parameters
         if self.gradient_release and getattr(self, "_release", None) is None:
@@ -373,66 +359,9 @@ class Adafactor(Optimizer):
         self.gradient_release = False
         self.accumulation_steps = 1
 
-    def _state_dtype(self, p: Tensor, group: dict[str, Any]) -> torch.dtype:
-        return group["state_dtype"] or ref.compute_dtype(p.dtype)
-
-    def _expected_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        """Key -> (shape, dtype) of every state tensor ``p`` gets under ``group``'s options."""
-        shape = tuple(p.shape)
-        sdtype = self._state_dtype(p, group)
-        dims = factor_dims(
-            shape, group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
-        )
-        out: dict[str, tuple[Any, Any]] = {"step": ((), torch.float64)}
-        if dims is not None:
-            row = list(shape)
-            row[dims.col_dim] = 1
-            col = list(shape)
-            col[dims.row_dim] = 1
-            out["row_var"] = (tuple(row), sdtype)
-            out["col_var"] = (tuple(col), sdtype)
-        else:
-            out["variance"] = (shape, sdtype)
-        if group["beta1"]:
-            out["exp_avg"] = (shape, group["momentum_dtype"] or sdtype)
-        if group["use_ema"]:
-            out["ema"] = (shape, sdtype)
-        if group.get("kahan_summation") and p.dtype == torch.bfloat16:
-            out["kahan_comp"] = (shape, torch.bfloat16)
-        return out
-
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """Create every state tensor ``p`` needs under ``group``'s options that it lacks, and
-        drop those it no longer needs (options changed after the first step)."""
-        state = self.state[p]
-        expected = self._expected_state(p, group)
-        for key in [k for k in state if k in checkpoint.STATE_KEYS and k not in expected]:
-            del state[key]
-        for key, (shape, dtype) in expected.items():
-            if key in state:
-                continue
-            if key == "step":
-                state[key] = torch.zeros((), dtype=dtype)
-            elif key == "ema":  # tf_keras starts the average at the weights' current value
-                state[key] = p.detach().to(dtype=dtype, copy=True)
-            elif distributed.has_dtensor([p]):  # shards laid out like p
-                state[key] = distributed.new_state_buffer(p, shape, dtype)
-            else:
-                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
-        return state
-
     def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """``p``'s state, completed when an option that needs more state was turned on."""
-        state = self.state[p]
-        if "step" not in state:
-            return self._init_state(p, group)
-        if (group["beta1"] and "exp_avg" not in state) or (group["use_ema"] and "ema" not in state):
-            return self._init_state(p, group)
-        if group["kahan_summation"] and p.dtype == torch.bfloat16 and "kahan_comp" not in state:
-            return self._init_state(p, group)
-        if ("variance" in state) != (_dims_of(p, group) is None):
-            return self._init_state(p, group)
-        return state
+        """``p``'s state, created or completed for ``group``'s options."""
+        return complete_state(self.state, p, group)
 
     # -----------------------------------------------------------------------------------------
     # the step
@@ -459,19 +388,22 @@ class Adafactor(Optimizer):
         for i, group in enumerate(self.param_groups):
             snaps[i] = check_group_cached(group, snaps[i])
         work = [self._grads_of(group, i) for i, group in enumerate(self.param_groups)]
-        global_scale = self._global_grad_scale(work) if self.global_clipnorm else None
+        every = [g for _, grads in work for g in grads]
+        global_scale = None
+        if self.global_clipnorm is not None:
+            global_scale = global_grad_scale(every, self.global_clipnorm)
         skip_all = None  # with global_clipnorm a non-finite gradient anywhere skips every group
         if global_scale is not None and any(g["skip_nonfinite"] for g in self.param_groups):
-            skip_all = _found_inf([g for _, grads in work for g in grads])
+            skip_all = found_inf(every)
         stats: list[StepStats | None] = []
-        for group, (params, grads) in zip(self.param_groups, work):
+        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, work)):
             if not params:
                 stats.append(None)
                 continue
-            found_inf = None
+            skip = None
             if group["skip_nonfinite"]:
-                found_inf = skip_all if skip_all is not None else _found_inf(grads)
-            stats.append(self._step_group(group, params, grads, global_scale, found_inf))
+                skip = skip_all if skip_all is not None else found_inf(grads)
+            stats.append(self._step_group(index, group, params, grads, global_scale, skip))
         # filled in place: torch.compile replays list mutations, not attribute stores on optimizers
         self.last_step_stats[:] = stats
         return loss
@@ -491,39 +423,40 @@ class Adafactor(Optimizer):
             grads.append(p.grad)
         return params, grads
 
-    def _global_grad_scale(self, work: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor | None:
-        grads = [g for group, (_, gs) in zip(self.param_groups, work) for g in gs if g.numel()]
-        if not grads:
-            return None
-        if distributed.has_dtensor(grads):  # local sums, one batched all-reduce
-            sq_sum = distributed.grad_square_sum(grads)
-        else:
-            # float64 accumulation: finite gradients never overflow the norm (and no fp32 copies)
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
-            sq_sum = torch.stack(norms).square().sum()
-        assert self.global_clipnorm is not None
-        return ref.norm_clip_factor(sq_sum, self.global_clipnorm)
-
     def _step_group(
         self,
+        index: int,
         group: dict[str, Any],
         params: list[Tensor],
         grads: list[Tensor],
         global_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> StepStats:
-        states = [self._state_of(p, group) for p in params]
-        result = adafactor(
-            params,
-            grads,
-            states,
-            group,
-            global_grad_scale=global_scale,
-            found_inf=found_inf,
-            generator=self.generator,
-            impl=self.impl,
-            carry_param_rms=self.carry_param_rms,
-        )
+        layouts = self._state_layouts
+        layout = state_options(group)
+        if layouts.get(index) != layout:  # first step, or state options changed: complete
+            states = [complete_state(self.state, p, group) for p in params]
+            layouts[index] = layout
+        else:
+            states = [self.state[p] for p in params]
+
+        def run(states: list[dict[str, Any]]) -> GroupResult:
+            return adafactor(
+                params,
+                grads,
+                states,
+                group,
+                global_grad_scale=global_scale,
+                found_inf=found_inf,
+                generator=self.generator,
+                impl=self.impl,
+                carry_param_rms=self.carry_param_rms,
+            )
+
+        try:
+            result = run(states)
+        except MissingStateError:  # new parameters, or state removed: nothing changed yet
+            result = run([complete_state(self.state, p, group) for p in params])
         rms = result.update_rms.float()
         threshold = group["clip_threshold"]
         clipped = rms > threshold if threshold is not None else torch.zeros_like(rms, dtype=bool)
@@ -550,14 +483,3 @@ class Adafactor(Optimizer):
         """This optimizer's state dict in ``torch.optim.Adafactor``'s format
         (:func:`adafactor.checkpoint.torch_state_dict`)."""
         return checkpoint.torch_state_dict(self)
-
-
-def _found_inf(grads: list[Tensor]) -> Tensor:
-    """A bool tensor: some gradient holds inf or NaN (the max-abs norm is not finite; no sync)."""
-    if distributed.has_dtensor(grads):  # every rank must skip the same steps
-        return distributed.found_inf(grads)
-    grads = [g for g in grads if g.numel()]  # (an empty max-abs norm has no value)
-    if not grads:
-        return torch.zeros((), dtype=torch.bool)
-    norms = torch._foreach_norm(grads, float("inf"))
-    return torch.stack(norms).isfinite().all().logical_not()

@@ -214,8 +214,8 @@ def test_bench_bad_options(
 # --- progress -----------------------------------------------------------------------------------
 
 _PROGRESS = re.compile(
-    r"^\[(\d)/2\] (\w+): step (\d+)/20 \((\d+)%\), loss (\d+\.\d{4}), "
-    r"elapsed \d+(\.\d)?s, ETA \d+(\.\d)?s$"
+    r"^\[(\d)/3\] (\w+): step (\d+)/20 \((\d+)%\), loss (\d+\.\d{4}), "
+    r"elapsed (?:\d+m\d\ds|\d+(?:\.\d)?s), ETA (?:\d+m\d\ds|\d+(?:\.\d)?s)$"
 )
 
 
@@ -227,7 +227,7 @@ def test_progress_lines_on_non_terminal_output(
     captured = capsys.readouterr()  # capsys is not a terminal
     lines = [m for m in map(_PROGRESS.match, captured.out.splitlines()) if m]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    for index, name in enumerate(["adafactor", "adamw"], start=1):
+    for index, name in enumerate(["adafactor", "adafactor_abs", "adamw"], start=1):
         mine = [m for m in lines if m.group(2) == name]
         assert [int(m.group(1)) for m in mine] == [index] * 10
         assert [int(m.group(3)) for m in mine] == list(range(2, 21, 2))  # every 10%
@@ -290,7 +290,7 @@ def test_demo_ctrl_c_keeps_the_finished_runs(
     assert list(results["runs"]) == ["adafactor"] and results["comparison"] == {}
     table = (out / "table.md").read_text()
     assert "| adafactor |" in table and "| adamw |" not in table
-    assert "interrupted after 1 of 2 runs" in table
+    assert "interrupted after 1 of 3 runs" in table
     assert (out / "loss_curves.png").read_bytes().startswith(PNG_MAGIC)
 
 

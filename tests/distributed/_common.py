@@ -167,6 +167,13 @@ def count_all_reduce() -> contextlib.AbstractContextManager[list[int]]:
 
 def count_fused_passes() -> contextlib.AbstractContextManager[list[int]]:
     """Count pass-2 calls of the fused kernel on local shards (sharded driver only): [calls, _]."""
-    from adafactor.distributed._passes import FusedPasses
+    from adafactor._driver import FusedPasses
 
     return _counting(FusedPasses, "update_square_sum", lambda *_: 0)
+
+
+def count_driver_batches() -> contextlib.AbstractContextManager[list[int]]:
+    """Count the batches the pass driver (adafactor._driver) steps: [calls, tensors]."""
+    from adafactor import _driver
+
+    return _counting(_driver, "_step", lambda batch, *_: len(batch))

@@ -27,6 +27,7 @@ from ._common import (
     assert_matches,
     assert_rel_close,
     count_all_reduce,
+    count_driver_batches,
     count_fused_passes,
     full,
     make_model,
@@ -292,6 +293,48 @@ def skip_nonfinite_agrees(rank: int, world: int) -> None:
     p.grad = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])
     opt.step()
     assert opt.param_groups[0]["skipped_steps"] == 1 and int(opt.state[p]["step"]) == 1
+
+
+# (global shape, placement, elements set huge): a finite 1e30 on the last rank's shard only
+# (g^2 overflows float32 there), and 1.5e19 twice in one column on different ranks (each rank's
+# float32 sums fit; their all-reduced sum does not).
+OVERFLOW_CASES: list[tuple[tuple[int, ...], Any, list[tuple[tuple[int, ...], float]]]] = [
+    ((5, 6), Shard(0), [((4, 5), 1e30)]),
+    ((5, 6), Shard(1), [((4, 5), -1e30)]),
+    ((6, 5, 4), Shard(2), [((5, 4, 3), 1e30)]),
+    ((7,), Shard(0), [((6,), 1e30)]),
+    ((4, 3), Shard(0), [((0, 0), 1.5e19), ((3, 0), 1.5e19)]),
+    ((5, 6), Shard(0), []),  # no outlier: stays on the float32 path
+]
+
+
+def overflow_goes_float64(rank: int, world: int) -> None:
+    """A finite gradient whose float32 squares overflow on one rank's shard takes the float64
+    path on every rank, as unsharded: parameters and state stay finite and equal the single-device
+    run (fused kernel and reference passes, with and without clipnorm)."""
+    mesh = init_device_mesh("cpu", (world,))
+    cases = [(shape, pl) for shape, pl, _ in OVERFLOW_CASES]
+    for kwargs in ({}, {"impl": "reference"}, {"beta1": 0.9, "clipnorm": 1.0}):
+        sharded, opt, ref, ref_opt = _pairs(mesh, cases, kwargs)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(200 + step)
+            for (shape, pl, huge), p, q in zip(OVERFLOW_CASES, sharded, ref):
+                g = torch.randn(shape, generator=gen)
+                if step == 0:  # later steps see the saturated statistics
+                    for index, value in huge:
+                        g[index] = value
+                q.grad = g.clone()
+                p.grad = distribute_tensor(g, mesh, _list(pl), src_data_rank=None)
+            with count_driver_batches() as batches:
+                opt.step()
+            assert batches[0] == 1, batches  # the one driver, all tensors in one batch
+            ref_opt.step()
+        for i, p in enumerate(sharded):
+            assert torch.isfinite(p.full_tensor()).all(), (kwargs, i)
+            for key, value in opt.state[p].items():
+                assert torch.isfinite(full(value)).all(), (kwargs, i, key)
+        names = {f"case{i}": p for i, p in enumerate(sharded)}
+        assert_matches(names, opt, {f"case{i}": p for i, p in enumerate(ref)}, ref_opt)
 
 
 def run_errors(rank: int, world: int) -> None:

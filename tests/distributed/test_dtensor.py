@@ -29,6 +29,11 @@ def test_two_ranks_errors(tmp_path: Path) -> None:
     spawn(sc.run_errors, 2, tmp_path)
 
 
+def test_two_ranks_overflow_takes_float64_path(tmp_path: Path) -> None:
+    """A finite gradient overflowing float32 on one rank's shard: float64 on every rank."""
+    spawn(sc.overflow_goes_float64, 2, tmp_path)
+
+
 def test_four_ranks_then_reshard_to_two(tmp_path: Path) -> None:
     """Empty shards, FSDP x TP on a 2x2 mesh, DCP save on 4 ranks, load on 2, same numbers."""
     spawn(sc.run_four, 4, tmp_path, str(tmp_path))

@@ -278,6 +278,59 @@ def lr_zero() -> list[str]:
     return out
 
 
+NO_CLIP = [
+    {"clip_threshold": None},
+    {"clip_threshold": None, "beta1": 0.0},
+    {"clip_threshold": None, "beta1": 0.9, "momentum_kind": "grad",
+     "momentum_dtype": torch.bfloat16},
+    {"clip_threshold": None, "relative_step": False, "lr": 1e-3, "scale_parameter": False,
+     "weight_decay": 0.1, "weight_decay_mode": "alpha"},
+    {"preset": "big_vision"},
+]  # fmt: skip
+
+
+def _run_outlier(
+    kwargs: dict[str, Any], impl: str, dtype: torch.dtype, huge: float
+) -> tuple[list[torch.Tensor], Adafactor]:
+    params = _params([(32, 24), (24,), (1, 40)], dtype)
+    opt = Adafactor(params, impl=impl, **kwargs)
+    grads = torch.Generator().manual_seed(2)
+    for step in range(4):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=grads) * 1e-2).to(dtype)
+            if step == 1:
+                p.grad.view(-1)[p.numel() // 3] = huge
+        opt.step()
+    return params, opt
+
+
+@check
+def no_clip() -> list[str]:
+    """Without update clipping, an outlier whose square still fits float32 (1e19): U beyond
+    float32 saturates as in the reference (finite weights and state, the same values). (A
+    larger one, whose square overflows, has no float64 path here: see supports().)"""
+    from tests.test_numerics import _assert_close_saturated
+
+    failures = []
+    for kwargs in NO_CLIP:
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                ref_params, ref_opt = _run_outlier(kwargs, "reference", dtype, 1e19)
+                PARTS.clear()
+                params, opt = _run_outlier(kwargs, "triton", dtype, 1e19)
+                assert PARTS == [[0, 1, 2]] * 4, f"Triton parts {PARTS}"
+                for i, (a, b) in enumerate(zip(ref_params, params)):
+                    pairs = [("param", b.detach(), a.detach())]
+                    pairs += [(k, opt.state[b][k], v) for k, v in ref_opt.state[a].items()
+                              if isinstance(v, torch.Tensor)]  # fmt: skip
+                    for key, got, want in pairs:
+                        assert bool(got.isfinite().all()), f"param {i} {key} not finite"
+                        _assert_close_saturated(got, want, f"param {i} {key}")
+            except Exception as e:
+                failures.append(f"{kwargs} {dtype}: {type(e).__name__}: {e}")
+    return failures
+
+
 def _snapshot_state(params: list[torch.Tensor], opt: Adafactor) -> list[torch.Tensor]:
     out = [p.detach().clone() for p in params]
     for p in params:

@@ -45,7 +45,7 @@ def report() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "name", ["table", "layouts", "launches", "determinism", "capturable", "lr_zero"]
+    "name", ["table", "layouts", "launches", "determinism", "capturable", "lr_zero", "no_clip"]
 )
 def test_interpreted_kernels(report: dict[str, Any], name: str) -> None:
     failures = report[name]["failures"]

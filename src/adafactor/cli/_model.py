@@ -4,6 +4,12 @@ Pre-norm blocks without biases, sinusoidal positions and a softmax tied to the i
 as in the Tensor2Tensor Transformer the paper trained. Initialisation follows T2T too: every
 matrix has RMS ``fan_in ** -0.5``, which matters for Adafactor because its relative step moves a
 tensor by about ``1e-2 * RMS(tensor)`` per step.
+
+``unscaled_embedding=True`` is the paper's unscaled-embedding test (Tensor2Tensor's
+``afx_unscale``): the embedding is initialised with standard deviation 1 and not multiplied by
+``sqrt(d_model)``, and the softmax gets its own weights (``shared_embedding_and_softmax_weights
+= False``). The first block sees inputs of the same scale either way; only the embedding's own
+scale changes, from ``d_model ** -0.5`` to 1, which an absolute step size does not follow.
 """
 
 from __future__ import annotations
@@ -76,12 +82,17 @@ class _Block(nn.Module):
 class ByteTransformer(nn.Module):
     """Next-byte language model: ``forward(bytes[B, T]) -> logits[B, T, 256]``."""
 
-    def __init__(self, size: ModelSize) -> None:
+    def __init__(self, size: ModelSize, *, unscaled_embedding: bool = False) -> None:
         super().__init__()
         if size.d_model % size.n_heads:
             raise ValueError(f"d_model {size.d_model} is not divisible by n_heads {size.n_heads}")
         self.size = size
+        self.unscaled_embedding = unscaled_embedding
         self.embed = nn.Embedding(VOCAB_SIZE, size.d_model)
+        # afx_unscale unties the softmax: logits from std-1 embeddings would start sqrt(d) large
+        self.softmax = (
+            nn.Linear(size.d_model, VOCAB_SIZE, bias=False) if unscaled_embedding else None
+        )
         self.register_buffer("positions", _sinusoids(size.context, size.d_model), persistent=False)
         self.blocks = nn.ModuleList(
             _Block(size.d_model, size.n_heads) for _ in range(size.n_layers)
@@ -91,20 +102,27 @@ class ByteTransformer(nn.Module):
 
     def _init_weights(self) -> None:
         # Embedding RMS d^-0.5 times sqrt(d) on the way in gives unit-scale inputs, and the tied
-        # softmax then starts with logits of about unit scale (T2T's shared embedding).
-        nn.init.normal_(self.embed.weight, std=self.size.d_model**-0.5)
+        # softmax then starts with logits of about unit scale (T2T's shared embedding). Unscaled:
+        # RMS 1 and no multiplier, the same inputs; the untied softmax is a Linear like the rest.
+        std = 1.0 if self.unscaled_embedding else self.size.d_model**-0.5
+        nn.init.normal_(self.embed.weight, std=std)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=module.in_features**-0.5)
 
     def forward(self, tokens: Tensor) -> Tensor:
         length = tokens.shape[1]
-        x = self.embed(tokens) * self.size.d_model**0.5 + self.positions[:length]
+        x = self.embed(tokens)
+        if not self.unscaled_embedding:
+            x = x * self.size.d_model**0.5
+        x = x + self.positions[:length]
         for block in self.blocks:
             x = block(x)
+        if self.softmax is not None:
+            return self.softmax(self.final_norm(x))
         return self.final_norm(x) @ self.embed.weight.T
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-byte cross-entropy in nats."""
-        logits = self(tokens)
+        """Mean next-byte cross-entropy in nats (in float32 whatever the parameters' dtype)."""
+        logits = self(tokens).float()
         return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1))

@@ -336,13 +336,18 @@ def train_run(
     device: torch.device,
     progress: bool = True,
     label: str | None = None,
+    unscaled_embedding: bool = False,
+    param_dtype: torch.dtype | None = None,
 ) -> RunResult:
     """Train a fresh model (same seed, same batches for every spec) and measure the run.
 
     ``label`` names the run in its progress bar or lines (default: the spec's name).
+    ``unscaled_embedding`` builds the paper's unscaled-embedding model (see ``ByteTransformer``);
+    ``param_dtype`` (e.g. ``torch.bfloat16``) casts the model's parameters after initialisation.
     """
     torch.manual_seed(seed)
-    model = ByteTransformer(size).to(device)
+    model = ByteTransformer(size, unscaled_embedding=unscaled_embedding)
+    model = model.to(device=device, dtype=param_dtype)
     optimizer, scheduler = spec.build(model, steps)
     batches = train_batches(corpus, steps, size.batch_size, size.context, seed)
     val = val_batches(corpus, _EVAL_WINDOWS, size.batch_size, size.context)

@@ -1,14 +1,21 @@
-"""``adafactor demo``: train a byte-level Transformer with Adafactor beside AdamW and compare.
+"""``adafactor demo``: train a byte-level Transformer with two Adafactor configurations beside
+AdamW and compare.
 
-Both optimizers train the same initial model on the same batches in the same order. Adafactor
-runs with the paper's defaults (``preset="paper"``, nothing tuned); AdamW runs as people tune it
-for small language models: a 5% linear warmup to its peak lr, cosine decay to 10% of the peak,
-weight decay 0.01 and gradient-norm clipping at 1, with the peak lr picked by a sweep on the
-default model (``ADAMW_PEAK_LR``; docs/demo.md records the sweep). The default model is one wide
-layer (d_model 512), because Adafactor's memory saving grows with the width of the matrices. The
-demo prints a table, writes ``results.json``, ``table.md`` and ``loss_curves.png`` into
-``--output``, and reports whether Adafactor's final validation loss is within 3% of AdamW's (the
-paper's claim that Adafactor matches Adam) and the ratio of the two optimizers' state.
+Every configuration trains the same initial model on the same batches in the same order:
+
+- ``adafactor``: the paper's defaults (``preset="paper"``, nothing tuned, no schedule);
+- ``adafactor_abs``: the configuration docs/which-configuration.md recommends, exactly as
+  ``adafactor quality`` defines its (c) ``absolute_schedule``: absolute steps
+  (``relative_step=False, scale_parameter=False``) with AdamW's peak lr and AdamW's schedule;
+- ``adamw``: AdamW as people tune it for small language models: a 5% linear warmup to its peak
+  lr, cosine decay to 10% of the peak, weight decay 0.01 and gradient-norm clipping at 1, with
+  the peak lr picked by a sweep on the default model (``ADAMW_PEAK_LR``; docs/demo.md).
+
+The default model is one wide layer (d_model 512), because Adafactor's memory saving grows with
+the width of the matrices. The demo prints a table, writes ``results.json``, ``table.md`` and
+``loss_curves.png`` into ``--output``, and gives each Adafactor configuration a verdict: PASS
+when its final validation loss is at most 1.03 times AdamW's (the paper's claim that Adafactor
+matches Adam), with the ratio of its optimizer state to AdamW's.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from adafactor import Adafactor
 
-from . import INTERRUPTED
+from . import INTERRUPTED, quality
 from ._data import Corpus, DataError, load_corpus
 from ._model import MODEL_SIZES, ByteTransformer, ModelSize
 from ._report import error, fmt_bytes, fmt_loss, markdown_table, plot_curves, run_record, write_json
@@ -47,7 +54,8 @@ __all__ = ["add_arguments", "run"]
 
 QUALITY_TARGET = 1.03  # Adafactor's final validation loss at most 3% above AdamW's
 STATE_TARGET = 1e-3  # the memory the paper promises: about 1/1000 of AdamW's optimizer state
-DEFAULT_STEPS = 600
+# 400 steps: three runs of the wide model fit about 3 minutes on 2 cores (docs/demo.md).
+DEFAULT_STEPS = 400
 DEFAULT_SIZE = "wide"
 # AdamW's peak lr per model size. "wide" (the default): best of {5e-4, 7e-4, 1e-3, 1.4e-3, 2e-3,
 # 4e-3, 8e-3} at 600 steps (docs/demo.md). The narrower sizes keep 4e-3, which beat 2e-3 on
@@ -81,12 +89,22 @@ def _adamw_spec(peak_lr: float) -> OptimizerSpec:
     return OptimizerSpec("adamw", build, grad_clip_norm=1.0)
 
 
-OPTIMIZERS = ("adafactor", "adamw")
+OPTIMIZERS = ("adafactor", "adafactor_abs", "adamw")
+ADAFACTORS = ("adafactor", "adafactor_abs")  # the configurations that get a verdict
+DESCRIPTIONS = {
+    "adafactor": "the paper's defaults",
+    "adafactor_abs": "recommended: absolute step, AdamW's lr and schedule",
+    "adamw": "AdamW, tuned peak lr",
+}
 
 
 def _spec(name: str, adamw_lr: float, release: bool = False) -> OptimizerSpec:
     if name == "adafactor":
         return OptimizerSpec("adafactor", _adafactor_release if release else _adafactor)
+    if name == "adafactor_abs":
+        # The same definition as the quality sweep's (c), so the two commands measure one thing.
+        params = {"schedule": "absolute", "lr": adamw_lr}
+        return replace(quality.optimizer_spec("absolute_schedule", params), name=name)
     return _adamw_spec(adamw_lr)
 
 
@@ -108,30 +126,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_optimizer_list,
         default=list(OPTIMIZERS),
         metavar="NAMES",
-        help="comma-separated optimizers to train (default adafactor,adamw)",
+        help="comma-separated configurations to train, in run order: adafactor (the paper's "
+        "defaults), adafactor_abs (the recommended configuration: absolute step with AdamW's "
+        "peak lr and schedule), adamw (default: all three)",
     )
     parser.add_argument(
         "--adamw-lr",
         type=positive_float,
         metavar="LR",
-        help="AdamW's peak learning rate (default: the tuned value for --model-size, "
-        f"{ADAMW_PEAK_LR[DEFAULT_SIZE]:g} for {DEFAULT_SIZE})",
+        help="AdamW's peak learning rate, also the peak lr of adafactor_abs (default: the "
+        f"tuned value for --model-size, {ADAMW_PEAK_LR[DEFAULT_SIZE]:g} for {DEFAULT_SIZE})",
     )
     parser.add_argument(
         "--gradient-release",
         action="store_true",
-        help="step Adafactor's parameters inside backward and free each gradient at once "
-        "(Adafactor(gradient_release=True): the same numbers, less memory; docs/memory.md), "
-        "and print a memory line",
+        help="step the paper-default Adafactor run's parameters inside backward and free each "
+        "gradient at once (Adafactor(gradient_release=True): the same numbers, less memory; "
+        "docs/memory.md), and print a memory line",
     )
 
 
 def _table(results: list[RunResult]) -> str:
-    header = ["optimizer", "train loss", "val loss", "val bits/byte", "step ms", "tokens/s"]
-    header += ["optimizer state", "peak memory", "status"]
+    header = ["optimizer", "configuration", "train loss", "val loss", "val bits/byte"]
+    header += ["step ms", "tokens/s", "optimizer state", "peak memory", "status"]
     rows = [
         [
             r.name,
+            DESCRIPTIONS[r.name],
             fmt_loss(r.final_train_loss),
             fmt_loss(r.final_val_loss),
             fmt_loss(r.val_bits_per_byte),
@@ -147,28 +168,40 @@ def _table(results: list[RunResult]) -> str:
 
 
 def _comparison(by_name: dict[str, RunResult]) -> tuple[dict[str, Any], list[str]]:
-    """The quality target and the state ratio, as JSON fields and as printed lines."""
-    if not {"adafactor", "adamw"} <= by_name.keys():
+    """Each Adafactor configuration's verdict against AdamW and its state ratio, as JSON fields
+    and as printed lines; empty without an AdamW run or without an Adafactor run."""
+    names = [name for name in ADAFACTORS if name in by_name]
+    if "adamw" not in by_name or not names:
         return {}, []
-    ada, adamw = by_name["adafactor"], by_name["adamw"]
-    loss_ratio = ada.final_val_loss / adamw.final_val_loss
-    state_ratio = ada.state_bytes / adamw.state_bytes
-    passed = bool(loss_ratio <= QUALITY_TARGET) and not ada.diverged
-    verdict = "PASS" if passed else "FAIL"
-    lines = [
-        f"quality target: {verdict}: Adafactor val loss / AdamW val loss = {loss_ratio:.4f} "
-        f"(target <= {QUALITY_TARGET})",
-        f"optimizer state: Adafactor / AdamW = {state_ratio:.5f} (1/{1 / state_ratio:.0f}; "
-        f"{ada.state_bytes:,} vs {adamw.state_bytes:,} bytes; aim: about "
-        f"1/{1 / STATE_TARGET:.0f})",
-    ]
-    fields = {
-        "val_loss_ratio": loss_ratio,
-        "target": QUALITY_TARGET,
-        "passed": passed,
-        "state_ratio": state_ratio,
-        "state_target": STATE_TARGET,
-    }
+    adamw = by_name["adamw"]
+    if adamw.diverged:  # no reference to judge against
+        line = f"no verdicts: AdamW, the reference, diverged at step {adamw.diverged_at}"
+        return {"target": QUALITY_TARGET, "verdicts": {}, "adamw_diverged": True}, [line]
+    verdicts: dict[str, Any] = {}
+    lines, state_lines = [], []
+    for name in names:
+        run = by_name[name]
+        loss_ratio = run.final_val_loss / adamw.final_val_loss
+        state_ratio = run.state_bytes / adamw.state_bytes
+        passed = bool(loss_ratio <= QUALITY_TARGET) and not run.diverged
+        verdicts[name] = {
+            "val_loss_ratio": loss_ratio,
+            "passed": passed,
+            "state_ratio": state_ratio,
+            "state_bytes": run.state_bytes,
+        }
+        diverged = f", diverged at step {run.diverged_at}" if run.diverged else ""
+        lines.append(
+            f"verdict {name} ({DESCRIPTIONS[name]}): {'PASS' if passed else 'FAIL'}: val loss / "
+            f"AdamW's = {loss_ratio:.4f} (target <= {QUALITY_TARGET}){diverged}"
+        )
+        state_lines.append(
+            f"optimizer state: {name} / AdamW = {state_ratio:.5f} (1/{1 / state_ratio:.0f}; "
+            f"{run.state_bytes:,} vs {adamw.state_bytes:,} bytes; aim: about "
+            f"1/{1 / STATE_TARGET:.0f})"
+        )
+    lines += state_lines
+    fields = {"target": QUALITY_TARGET, "state_target": STATE_TARGET, "verdicts": verdicts}
     return fields, lines
 
 
@@ -249,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"\nmodel {args.model_size} (d_model {size.d_model}, {size.n_layers} layer(s)): "
             f"{params:,} parameters, {args.steps} steps of {size.batch_size} x {size.context} "
-            f"bytes on {device}; AdamW peak lr {adamw_lr:g}\n"
+            f"bytes on {device}; AdamW peak lr {adamw_lr:g} (also adafactor_abs's)\n"
         )
         print(table + "\n")
         print("\n".join(lines))

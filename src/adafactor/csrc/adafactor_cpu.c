@@ -133,6 +133,20 @@ AI float lerp(float a, float b, float w) {
     int small = fabsf(w) < 0.5f;
     return fmaf(small ? w : w - 1.0f, b - a, small ? a : b);
 }
+/* Saturation (the reference's _saturate, _lerp_finite_): finite gradients give finite parameters
+ * and state without update clipping. A value beyond a dtype's largest finite one becomes that one
+ * (NaN stays NaN); every result that rounds to a finite value keeps its bits. */
+#define F32_MAX 3.40282347e+38f
+#define BF16_MAX 3.38953139e+38f /* 0x7f7f0000: larger float32 values round to bf16 inf */
+AI float sat(float v, float mx) { return v < -mx ? -mx : (v > mx ? mx : v); }
+/* m <- lerp(m, b, w) of a momentum of dtype bf (rounded): b saturated to the dtype; where
+ * b - m overflows float32, the weighted sum m (1 - w) + b w (finite; lerp gives inf or NaN) */
+AI float mom_lerp(float m, float b, float w, int bf) {
+    const float mx = bf ? BF16_MAX : F32_MAX;
+    b = rnd(sat(b, mx), bf);
+    const float r = lerp(m, b, w), ws = m * (1.0f - w) + b * w;
+    return rnd(sat(fabsf(r) <= F32_MAX ? r : ws, mx), bf);
+}
 AI float gprep(float g, float sign, float clipv) {
     g *= sign;
     return g < -clipv ? -clipv : (g > clipv ? clipv : g); /* NaN passes through, as torch.clamp */
@@ -160,6 +174,13 @@ AI __m512 ld16(const void *p, i64 i, int bf, __mmask16 k) {
 /* max(lo, g) and min(hi, .) return g when g is NaN (the second operand), as gprep */
 AI __m512 gprep16(__m512 g, __m512 sign, __m512 lo, __m512 hi) {
     return _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(g, sign)));
+}
+/* sat over 16 lanes (NaN kept: max/min return the second operand when one is NaN) */
+AI __m512 sat16(__m512 v, __m512 mx) {
+    return _mm512_min_ps(mx, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), mx), v));
+}
+AI __mmask16 finite16(__m512 v) { /* |v| <= FLT_MAX: false for inf and NaN */
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(F32_MAX), _CMP_LE_OQ);
 }
 AI __mmask16 tail_mask(i64 left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
 AI float hsum4(__m512 s0, __m512 s1, __m512 s2, __m512 s3) {
@@ -574,40 +595,58 @@ AI void st16(void *p, i64 i, int bf, __mmask16 k, __m512 v, __m256i h) { /* h: b
 /* Pass 3 over one row of a plain factored matrix without stochastic rounding, with no momentum or
  * 'update' momentum: the scalar body's formulas, 16 lanes at a time, and the sums of x^2 before
  * (verify_x) and after (carry_x) the write in ROW_CHUNKS order, so they equal sumsq16's. */
-#define APPLY16(J, M, K)                                                                  \
-    do {                                                                                       \
-        const i64 i = off + (J);                                                               \
-        const __m512 gs = _mm512_mul_ps(gprep16(ld16(a->g, i, bf, M), sign, lo, hi), scale);  \
+#define APPLY16(J, M, K)                                                                        \
+    do {                                                                                        \
+        const i64 i = off + (J);                                                                \
+        const __m512 gs = _mm512_mul_ps(gprep16(ld16(a->g, i, bf, M), sign, lo, hi), scale);    \
         const __m512 fcv = M == 0xffff ? _mm512_loadu_ps(fc + (J)) : _mm512_maskz_loadu_ps(M, fc + (J)); \
-        __m512 upd = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gs, fr), fcv), inv_clip);       \
-        upd = _mm512_mul_ps(upd, alpha);                                                       \
+        const __m512 u = _mm512_mul_ps(_mm512_mul_ps(gs, fr), fcv);                             \
+        const __m512 xv = ld16(a->x, i, bf, M);                                                 \
+        const __m512 xd = _mm512_sub_ps(_mm512_mul_ps(xv, f1), _mm512_mul_ps(xv, f2));          \
+        __m512 upd = _mm512_mul_ps(_mm512_mul_ps(u, inv_clip), alpha);                          \
+        __m512 mv = _mm512_setzero_ps();                                                        \
+        __m256i mh = _mm256_setzero_si256();                                                    \
         if (MOM == MOM_UPD) { /* m <- lerp(m, upd, w1), both rounded to the momentum dtype */   \
-            if (mbf) upd = bf16_round(upd).f;                                                  \
-            const __m512 mv = ld16(a->m, i, mbf, M);                                           \
-            const __m512 diff = _mm512_sub_ps(upd, mv);                                        \
-            upd = _mm512_fmadd_ps(w, diff, small ? mv : upd);                                  \
-            __m256i mh = _mm256_setzero_si256();                                               \
-            if (mbf) {                                                                         \
-                const bf16x16 r = bf16_round(upd);                                             \
-                upd = r.f;                                                                     \
-                mh = r.h;                                                                      \
-            }                                                                                  \
-            st16(a->m, i, mbf, M, upd, mh);                                                    \
-        }                                                                                      \
-        const __m512 xv = ld16(a->x, i, bf, M);                                                \
-        if (verify) o##K = _mm512_add_ps(o##K, _mm512_mul_ps(xv, xv));                         \
-        __m512 xn = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(xv, f1), _mm512_mul_ps(xv, f2)), upd); \
-        __m256i xh = _mm256_setzero_si256();                                                   \
-        if (bf) {                                                                              \
-            const bf16x16 r = bf16_round(xn);                                                  \
-            xn = r.f;                                                                          \
-            xh = r.h;                                                                          \
-        }                                                                                      \
-        st16(a->x, i, bf, M, xn, xh);                                                          \
-        if (carry) {                                                                           \
+            mv = ld16(a->m, i, mbf, M);                                                         \
+            const __m512 ub = mbf ? bf16_round(upd).f : upd;                                    \
+            upd = _mm512_fmadd_ps(w, _mm512_sub_ps(ub, mv), small ? mv : ub);                   \
+            if (mbf) {                                                                          \
+                const bf16x16 r = bf16_round(upd);                                              \
+                upd = r.f;                                                                      \
+                mh = r.h;                                                                       \
+            }                                                                                   \
+        }                                                                                       \
+        __m512 xn = _mm512_sub_ps(xd, upd);                                                     \
+        /* The saturations of the scalar body change nothing unless something overflowed, and   \
+         * then x is not finite in its dtype: only such (rare) chunks are recomputed with them. */ \
+        if (__builtin_expect(_mm512_cmp_ps_mask(_mm512_abs_ps(xn), xmax, _CMP_LE_OQ) != 0xffff, 0)) { \
+            upd = sat16(_mm512_mul_ps(_mm512_mul_ps(sat16(u, fmax32), inv_clip), alpha), fmax32); \
+            if (MOM == MOM_UPD) { /* mom_lerp */                                                \
+                const __m512 b = mbf ? bf16_round(sat16(upd, mmax)).f : upd;                    \
+                const __m512 rb = _mm512_fmadd_ps(w, _mm512_sub_ps(b, mv), small ? mv : b);     \
+                const __m512 ws = _mm512_add_ps(_mm512_mul_ps(mv, keep1), _mm512_mul_ps(b, w1v)); \
+                upd = sat16(_mm512_mask_blend_ps(finite16(rb), ws, rb), mmax);                  \
+                if (mbf) {                                                                      \
+                    const bf16x16 r = bf16_round(upd);                                          \
+                    upd = r.f;                                                                  \
+                    mh = r.h;                                                                   \
+                }                                                                               \
+            }                                                                                   \
+            xn = sat16(_mm512_sub_ps(xd, upd), xmax);                                           \
+        }                                                                                       \
+        if (MOM == MOM_UPD) st16(a->m, i, mbf, M, upd, mh);                                     \
+        if (verify) o##K = _mm512_add_ps(o##K, _mm512_mul_ps(xv, xv));                          \
+        __m256i xh = _mm256_setzero_si256();                                                    \
+        if (bf) {                                                                               \
+            const bf16x16 r = bf16_round(xn);                                                   \
+            xn = r.f;                                                                           \
+            xh = r.h;                                                                           \
+        }                                                                                       \
+        st16(a->x, i, bf, M, xn, xh);                                                           \
+        if (carry) {                                                                            \
             const __m512 z = _mm512_maskz_mov_ps(M, xn); /* lanes past the row add +0 */        \
-            n##K = _mm512_add_ps(n##K, _mm512_mul_ps(z, z));                                   \
-        }                                                                                      \
+            n##K = _mm512_add_ps(n##K, _mm512_mul_ps(z, z));                                    \
+        }                                                                                       \
     } while (0)
 
 AI void apply_row16(const Args *a, const int bf, const int MOM, const int mbf, const int verify,
@@ -620,6 +659,9 @@ AI void apply_row16(const Args *a, const int bf, const int MOM, const int mbf, c
     const __m512 f2 = _mm512_set1_ps(a->f2);
     const int small = fabsf(a->w1) < 0.5f; /* lerp's two forms, as the scalar lerp */
     const __m512 w = _mm512_set1_ps(small ? a->w1 : a->w1 - 1.0f);
+    const __m512 w1v = _mm512_set1_ps(a->w1), keep1 = _mm512_set1_ps(1.0f - a->w1);
+    const __m512 fmax32 = _mm512_set1_ps(F32_MAX), mmax = _mm512_set1_ps(mbf ? BF16_MAX : F32_MAX);
+    const __m512 xmax = _mm512_set1_ps(bf ? BF16_MAX : F32_MAX);
     __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, n0 = o0, n1 = o0, n2 = o0, n3 = o0;
     ROW_CHUNKS(L, APPLY16);
     if (verify) *old_sq = (double)hsum4(o0, o1, o2, o3);
@@ -675,7 +717,7 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
         float num = gs;
         if (MOM == MOM_GRAD) {
             if (PASS == 2) {
-                num = rnd(lerp(ldf(m, i, mbf), rnd(gs, mbf), w1), mbf);
+                num = mom_lerp(ldf(m, i, mbf), gs, w1, mbf);
                 st_rounded(m, i, mbf, num);
             } else {
                 num = ldf(m, i, mbf);
@@ -701,29 +743,30 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
         if (PASS == 2) {
             acc += u * u;
         } else {
-            float upd = u * inv_clip;
+            float upd = sat(u, F32_MAX) * inv_clip; /* U beyond float32 (no update clipping) */
             if (MOM == MOM_NORM) {
-                upd = rnd(lerp(ldf(m, i, mbf), rnd(upd, mbf), w1), mbf);
+                upd = mom_lerp(ldf(m, i, mbf), upd, w1, mbf);
                 st_rounded(m, i, mbf, upd);
             }
-            upd = upd * alpha;
+            upd = sat(upd * alpha, F32_MAX);
             if (MOM == MOM_UPD) {
-                upd = rnd(lerp(ldf(m, i, mbf), rnd(upd, mbf), w1), mbf);
+                upd = mom_lerp(ldf(m, i, mbf), upd, w1, mbf);
                 st_rounded(m, i, mbf, upd);
             }
             const float xv = ldf(x, i, bf);
-            float xn = (xv * f1 - xv * f2) - upd;
+            float xn = (xv * f1 - xv * f2) - upd; /* +-inf at most: upd is finite */
             if (SR == 1) { /* stochastic rounding: add 16 random low bits, truncate */
                 uint32_t b;
+                xn = sat(xn, BF16_MAX);
                 memcpy(&b, &xn, 4);
                 ((uint16_t *)x)[i] = (uint16_t)((b + (uint32_t)noise[i]) >> 16);
             } else if (SR == 2) { /* Kahan: t = x + c; x = bf16(t); c = bf16(t - x) */
-                const float t = xn + bf2f(comp[i]);
+                const float t = sat(xn + bf2f(comp[i]), BF16_MAX);
                 const float r = rnd(t, 1);
                 comp[i] = f2bf(t - r);
                 st_rounded(x, i, 1, r);
             } else {
-                stf(x, i, bf, xn);
+                stf(x, i, bf, sat(xn, bf ? BF16_MAX : F32_MAX));
             }
         }
     }
@@ -839,11 +882,14 @@ EXPORT void af_apply(Args *a) {
     if (a->wd != 0) {
         if (a->wd_mode == WD_LR) f1 = 1 - a->lr * a->wd;
         else if (a->wd_mode == WD_LR_BEFORE) f2 = a->lr * a->wd;
-        else if (a->wd_mode == WD_ALPHA) f2 = a->alpha_out * a->wd;
+        else if (a->wd_mode == WD_ALPHA) /* alpha_t saturated, as below */
+            f2 = (a->alpha_out > F32_MAX ? F32_MAX : a->alpha_out) * a->wd;
         else if (a->lr != 0) f2 = a->wd; /* an lr of 0 changes nothing, in every form */
     }
     a->f1 = (float)f1;
-    a->f2 = (float)f2;
+    a->f2 = sat((float)f2, F32_MAX);
+    /* alpha_t is inf once the float32 sums of x^2 overflow (a saturated x): inf * 0 is NaN */
+    a->alpha = sat(a->alpha, F32_MAX);
     elem_run(a, 3);
 }
 

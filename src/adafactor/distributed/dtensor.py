@@ -1,13 +1,16 @@
 """Adafactor on DTensor parameters: local shards plus the few collectives the statistics need.
 
-Every rank runs the passes on its local shards (:mod:`adafactor.distributed._passes`: the fused
-CPU kernel where it applies, else :mod:`adafactor._reference`). Between passes it all-reduces the
-partial sums that span shards (float64), batched into one flat buffer per process group, so a
-step costs a constant number of collectives whatever the number of tensors:
+Every rank runs the driver of every step (:func:`adafactor._driver.run_passes`) on its local
+shards (the fused CPU kernel's passes where they apply, else :mod:`adafactor._reference`), with
+a reduction (:class:`_MeshReduction`) that all-reduces the partial sums spanning shards between
+the passes (float64), batched into one flat buffer per process group, so a step costs a
+constant number of collectives whatever the number of tensors:
 
 * round 1 (after pass 1): per-row sums of g^2 over the mesh dims that shard the column dim, per-
-  column sums over those that shard the row dim, sum(x^2) (for RMS(x)) and sum(g^2) (clipnorm)
-  over every sharding mesh dim;
+  column sums over those that shard the row dim, sum(x^2) (for RMS(x)), sum(g^2) (clipnorm) and
+  the overflow probe (CPU tensors: float32 sums beyond range, finite gradient) over every
+  sharding mesh dim;
+* only when a tensor's probe says so (alike on every rank): round 1 again, for the float64 sums;
 * round 2 (after the moving averages): sum of R over rows, over the mesh dims sharding rows,
   for V_hat = R C / mean(R);
 * round 3 (after pass 2): sum(U^2) over every sharding mesh dim, for RMS(U).
@@ -33,10 +36,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.placement_types import Placement
 
+from .._driver import LocalPasses, Reduction, local_passes, run_passes
 from .._plan import GroupPlan, step_scalars
 from .._reference import rounding_noise
-from ..ops import update_ema
-from ._passes import LocalPasses, local_passes
 
 __all__ = [
     "check_mesh",
@@ -175,40 +177,46 @@ def _check_pair(p: Tensor, g: Tensor, index: int) -> None:
         )
 
 
-class _Round:
-    """Partial sums to all-reduce together: one collective per (process group, dtype)."""
+def _all_reduce(values: list[Tensor], groups: list[_Groups]) -> list[Tensor]:
+    """Each value summed over its process groups: one collective per (process group, dtype)."""
+    values = list(values)
+    # Every rank passes the same entries in the same order (they follow the param list and the
+    # global placements), so this first-seen order of groups matches across ranks.
+    keys: list[tuple[dist.ProcessGroup, torch.dtype]] = []
+    for value, gs in zip(values, groups):
+        for pg in gs:
+            if not any(pg is k[0] and value.dtype == k[1] for k in keys):
+                keys.append((pg, value.dtype))
+    for pg, dtype in keys:
+        idx = [
+            i
+            for i, (v, gs) in enumerate(zip(values, groups))
+            if v.dtype == dtype and any(pg is g for g in gs)
+        ]
+        flat = torch.cat([values[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat, group=pg)
+        offset = 0
+        for i in idx:
+            n = values[i].numel()
+            values[i] = flat[offset : offset + n].view(values[i].shape)
+            offset += n
+    return values
 
-    def __init__(self) -> None:
-        self.values: list[Tensor] = []
-        self.groups: list[_Groups] = []
 
-    def add(self, value: Tensor, groups: _Groups) -> int:
-        self.values.append(value)
-        self.groups.append(groups)
-        return len(self.values) - 1
+class _MeshReduction(Reduction):
+    """The driver's reduction for a list of (DTensor or plain) parameters: a partial sum over
+    some tensor dims is all-reduced over the mesh dims that shard them."""
 
-    def run(self) -> list[Tensor]:
-        # Every rank adds the same entries in the same order (they follow the param list and the
-        # global placements), so this first-seen order of groups matches across ranks.
-        keys: list[tuple[dist.ProcessGroup, torch.dtype]] = []
-        for value, groups in zip(self.values, self.groups):
-            for pg in groups:
-                if not any(pg is k[0] and value.dtype == k[1] for k in keys):
-                    keys.append((pg, value.dtype))
-        for pg, dtype in keys:
-            idx = [
-                i
-                for i, (v, gs) in enumerate(zip(self.values, self.groups))
-                if v.dtype == dtype and any(pg is g for g in gs)
-            ]
-            flat = torch.cat([self.values[i].reshape(-1) for i in idx])
-            dist.all_reduce(flat, group=pg)
-            offset = 0
-            for i in idx:
-                n = self.values[i].numel()
-                self.values[i] = flat[offset : offset + n].view(self.values[i].shape)
-                offset += n
-        return self.values
+    collective = True
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+
+    def peers(self, index: int, dims: tuple[int, ...] | None) -> _Groups:
+        return _groups(self.params[index], dims)
+
+    def all_reduce(self, values: list[Tensor], peers: list[_Groups]) -> list[Tensor]:
+        return _all_reduce(values, peers)
 
 
 def grad_square_sum(grads: Sequence[Tensor]) -> Tensor:
@@ -229,10 +237,9 @@ def _sum_over_shards(tensors: Sequence[Tensor], local_sum: Any) -> Tensor:
         local = local_sum(_to_local(t))
         key = _groups(t, None)
         totals[key] = totals[key] + local if key in totals else local
-    rnd = _Round()
-    for key, value in totals.items():
-        rnd.add(value, key)
-    return torch.stack(rnd.run()).sum() if totals else torch.zeros(())
+    if not totals:
+        return torch.zeros(())
+    return torch.stack(_all_reduce(list(totals.values()), list(totals))).sum()
 
 
 def sharded_adafactor_step(
@@ -248,81 +255,41 @@ def sharded_adafactor_step(
     """One Adafactor step of a param group holding DTensor (and possibly plain) parameters.
 
     Returns ``(lr_t, alpha, update_rms)`` like :func:`adafactor.functional.adafactor`. Must be
-    called on every rank of the parameters' meshes with the same param list. The fused CPU kernel
-    runs on the local shards it supports unless ``plan.impl`` is the reference.
+    called on every rank of the parameters' meshes with the same param list. The local shards go
+    through the pass driver (:func:`adafactor._driver.run_passes`) with :class:`_MeshReduction`;
+    the fused CPU kernel runs on those it supports unless ``plan.impl`` is the reference.
     """
     from ..factoring import factor_dims
 
     for i, (p, g) in enumerate(zip(params, grads)):
         _check_pair(p, g, i)
     torch._foreach_add_([state["step"] for state in states], 1.0)
-    steps: list[tuple[LocalPasses, Tensor, dict[str, Any]]] = []
+    passes: list[LocalPasses] = []
+    stepped: list[Tensor] = []
     lr_f = float(lr_t) if isinstance(lr_t, Tensor) else lr_t
     for p, g, state in zip(params, grads, states):
         if p.numel() == 0:  # the global size: the same decision on every rank
             continue
         # to_local() shares storage, so in-place updates of the views land in the DTensors.
         view = {key: _to_local(value) for key, value in state.items()}
-        local_p, local_g = _to_local(p), _to_local(g)
         scalars = step_scalars(plan, float(state["step"]), lr_f)
         dims = factor_dims(
             tuple(p.shape), group["factor_dims"], group["min_dim_size_to_factor"], group["factored"]
         )
-        passes = local_passes(local_p, local_g, view, plan, scalars, dims, tuple(p.shape))
-        steps.append((passes, p, view))
+        passes.append(
+            local_passes(_to_local(p), _to_local(g), view, plan, scalars, dims, tuple(p.shape))
+        )
+        stepped.append(p)
 
-    # pass 1 and round 1
-    first = _Round()
-    slots = []
-    for passes, p, _ in steps:
-        grad_sq, param_sq, row, col = passes.grad_square_sums()
-        # sum(g^2) matters only to clipnorm and sum(x^2) only to scale_parameter
-        every = _groups(p, None)
-        slot = [
-            first.add(grad_sq, every if plan.clipnorm is not None else ()),
-            first.add(param_sq, every if plan.scale_parameter else ()),
-        ]
-        if passes.dims is not None:
-            assert row is not None and col is not None
-            slot.append(first.add(row, _groups(p, (passes.dims.col_dim,))))
-            slot.append(first.add(col, _groups(p, (passes.dims.row_dim,))))
-        slots.append(slot)
-    reduced = first.run()
+    def noise(k: int) -> Tensor | None:  # drawn per local shard, in pass 3
+        local = passes[k].param
+        if plan.stochastic_rounding and local.dtype == torch.bfloat16:
+            return rounding_noise(local, generator)
+        return None
 
-    # moving averages, then round 2: sum of R over rows, for mean(R)
-    second = _Round()
-    row_slots: list[int | None] = []
-    for (passes, p, _), slot in zip(steps, slots):
-        row = col = None
-        if passes.dims is not None:
-            row, col = reduced[slot[2]], reduced[slot[3]]
-        sums = (reduced[slot[0]], reduced[slot[1]], row, col)
-        row_var_sum = passes.finish_statistics(sums, global_grad_scale)
-        row_slot = None
-        if row_var_sum is not None:  # factored
-            row_slot = second.add(row_var_sum, _groups(p, (passes.dims.row_dim,)))
-        row_slots.append(row_slot)
-    row_sums = second.run()
-
-    # pass 2 and round 3
-    third = _Round()
-    for (passes, p, _), row_slot in zip(steps, row_slots):
-        row_var_sum = row_sums[row_slot] if row_slot is not None else None
-        third.add(passes.update_square_sum(row_var_sum), _groups(p, None))
-    update_sq = third.run()
-
-    # pass 3
-    alphas: list[Tensor] = []
-    update_rms: list[Tensor] = []
-    for (passes, _, view), usq in zip(steps, update_sq):
-        noise = None
-        if plan.stochastic_rounding and passes.param.dtype == torch.bfloat16:
-            noise = rounding_noise(passes.param, generator)
-        alpha, rms = passes.apply_update(usq, noise)
-        alphas.append(torch.as_tensor(alpha, dtype=torch.float32).reshape(()))
-        update_rms.append(torch.as_tensor(rms, dtype=torch.float32).reshape(()))
-        if plan.use_ema:
-            update_ema(passes.param, view["ema"], plan, float(view["step"]))
+    out = run_passes(passes, plan, _MeshReduction(stepped), global_grad_scale, noise)
+    alphas = [torch.as_tensor(alpha, dtype=torch.float32).reshape(()) for alpha, _ in out]
+    update_rms = [torch.as_tensor(rms, dtype=torch.float32).reshape(()) for _, rms in out]
     empty = torch.zeros(0, dtype=torch.float32)
     return (
         lr_t,

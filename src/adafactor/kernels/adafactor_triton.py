@@ -49,7 +49,11 @@ statistics, float32/bfloat16 momentum and EMA, every option of the plan (clipnor
 global_clipnorm, eps1 'add'/'clamp', every momentum kind and weight-decay form, maximize,
 clipvalue, stochastic rounding with the given draws, the EMA with overwrites) and every factor
 layout. Not supported (the reference runs them): float16/float64 parameters, non-float32
-statistics, non-contiguous tensors, empty tensors.
+statistics, non-contiguous tensors, empty tensors. U, the momentum and the weights saturate at
+their dtype's largest value as in the reference (finite without update clipping), but there is
+no float64 path: a gradient whose squares overflow float32 (|g| above about 1.8e19, or row sums
+beyond 3.4e38) still turns its tensor NaN, and :func:`supports` cannot route such a step
+elsewhere without reading the gradient on the host (the foreach path decides on the device).
 
 Status: checked against the reference on CPU under the interpreter only; not yet run on a GPU.
 """
@@ -176,6 +180,37 @@ def _cast(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+# Saturation (the reference's _saturate / _lerp_finite_): finite gradients give finite weights and
+# state without update clipping; results that round to a finite value keep their bits.
+F32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+BF16_MAX: tl.constexpr = tl.constexpr(3.3895313892515355e38)  # larger float32 rounds to inf
+
+
+@triton.jit
+def _sat(x, big):
+    """x clamped to [-big, big], NaN kept."""
+    return _min_nan(_max_nan(x, -big), big)
+
+
+@triton.jit
+def _dtype_max(dtype: tl.constexpr):
+    if dtype == tl.bfloat16:
+        return BF16_MAX
+    else:
+        return F32_MAX
+
+
+@triton.jit
+def _mom_lerp(m, b, w, M_DT: tl.constexpr):
+    """lerp(m, b, w) of a momentum of dtype M_DT, rounded to it: b saturated to M_DT; where
+    b - m overflows float32, the weighted sum m (1 - w) + b w; the result saturated."""
+    big = _dtype_max(M_DT)
+    b = _cast(_sat(b, big), M_DT).to(tl.float32)
+    r = _lerp(m, b, w)
+    ws = m * (1.0 - w) + b * w
+    return _cast(_sat(tl.where(tl.abs(r) <= F32_MAX, r, ws), big), M_DT)
+
+
 @triton.jit
 def _stochastic_round(x, noise):
     """The reference's stochastic_round_to_bf16: add 16 random low bits, truncate."""
@@ -298,8 +333,9 @@ def _factored_u(
     if CLAMP:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
         v = tl.div_rn(r[:, None] * c[None, :], _max_nan(mean, eps1))
         return num * _rsqrt(_max_nan(v, eps1sq))
-    else:  # the reference's per-row times per-column factor
-        inv_r = _rsqrt(tl.div_rn(r, mean))
+    else:  # the reference's per-row times per-column factor: sqrt(mean(R)) / sqrt(R) (R / mean(R)
+        # underflows to 0 beside a saturated row)
+        inv_r = tl.div_rn(tl.sqrt_rn(mean), tl.sqrt_rn(r))
         inv_c = _rsqrt(c)
         return num * inv_r[:, None] * inv_c[None, :]
 
@@ -478,7 +514,7 @@ def _numerator(row, offs, mask, gs, w1, keep, M_DT: tl.constexpr, MOM: tl.conste
         mp = _ptr(row, M_M, M_DT) + offs
         m = tl.load(mp, mask=mask, other=0.0).to(tl.float32)
         if UPDATE:
-            m = _cast(_lerp(m, _cast(gs, M_DT).to(tl.float32), w1), M_DT)
+            m = _mom_lerp(m, gs, w1, M_DT)
             tl.store(mp, m, mask=_masked(mask, keep))
             m = m.to(tl.float32)
         return m
@@ -566,20 +602,20 @@ def _apply(
     CLIP: tl.constexpr, HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, SR: tl.constexpr,
     EMA: tl.constexpr,
 ):  # fmt: skip
+    u = _sat(u, F32_MAX)  # U beyond float32 (no update clipping, beside an outlier)
     if CLIP:
         u = tl.div_rn(u, tl.load(s + S_DIV))
-    alpha = tl.load(s + S_ALPHA)
+    # alpha_t is inf once a float32 sum of x^2 overflows (a saturated x): inf * 0 would be NaN
+    alpha = _min_nan(tl.load(s + S_ALPHA), F32_MAX)
     if MOM == MOM_NORMALIZED_UPDATE:  # big_vision: momentum of U_hat, before alpha
         mp = _ptr(row, M_M, M_DT) + offs
-        m = _cast(_lerp(tl.load(mp, mask=mask, other=0.0).to(tl.float32),
-                        _cast(u, M_DT).to(tl.float32), w1), M_DT)  # fmt: skip
+        m = _mom_lerp(tl.load(mp, mask=mask, other=0.0).to(tl.float32), u, w1, M_DT)
         tl.store(mp, m, mask=_masked(mask, keep))
         u = m.to(tl.float32)
-    u = u * alpha
+    u = _sat(u * alpha, F32_MAX)
     if MOM == MOM_UPDATE:  # T2T / transformers / optax: momentum of alpha U_hat
         mp = _ptr(row, M_M, M_DT) + offs
-        m = _cast(_lerp(tl.load(mp, mask=mask, other=0.0).to(tl.float32),
-                        _cast(u, M_DT).to(tl.float32), w1), M_DT)  # fmt: skip
+        m = _mom_lerp(tl.load(mp, mask=mask, other=0.0).to(tl.float32), u, w1, M_DT)
         tl.store(mp, m, mask=_masked(mask, keep))
         u = m.to(tl.float32)
     pp = _ptr(row, M_P, P_DT) + offs
@@ -590,10 +626,10 @@ def _apply(
         elif WD_MODE == WD_LR_BEFORE:
             x = x - x * tl.load(h + H_LRWD)
         elif WD_MODE == WD_ALPHA:
-            x = x - x * (alpha * wd)
+            x = x - x * _min_nan(alpha * wd, F32_MAX)
         else:
             x = x - x * tl.load(h + H_WDU)
-    x = x - u
+    x = _sat(x - u, _dtype_max(P_DT))  # (+-inf at most before: u is finite)
     if SR:
         xs = _stochastic_round(x, tl.load(_ptr(row, M_N, tl.int32) + offs, mask=mask, other=0))
     else:
