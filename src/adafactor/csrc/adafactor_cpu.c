@@ -449,11 +449,15 @@ EXPORT void af_stats(Args *a) {
     }
     double *segx = segg + nseg;
     if (factored) memset(a->col, 0, sizeof(double) * (size_t)ncol);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        double *mycol = factored && nt > 1 ? colp + t * ncol : colp;
-        stats_dispatch(a, factored, nseg * t / n, nseg * (t + 1) / n, L, mycol, segg, segx);
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+            double *mycol = factored ? colp + t * ncol : colp;
+            stats_dispatch(a, factored, nseg * t / n, nseg * (t + 1) / n, L, mycol, segg, segx);
+        }
+    } else { /* no parallel region: entering one costs about a microsecond even for one thread */
+        stats_dispatch(a, factored, 0, nseg, L, colp, segg, segx);
     }
     if (a->err) {
         if (colp != a->col) free(colp);
@@ -853,10 +857,14 @@ static void elem_run(Args *a, int pass) {
         return;
     }
     double *segv = seg + nseg;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        elem_dispatch(a, pass, nseg * t / n, nseg * (t + 1) / n, L, seg, segv);
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+            elem_dispatch(a, pass, nseg * t / n, nseg * (t + 1) / n, L, seg, segv);
+        }
+    } else {
+        elem_dispatch(a, pass, 0, nseg, L, seg, segv);
     }
     double sum = 0.0, old = 0.0;
     if (pass == 2 || a->carry_x)
@@ -920,8 +928,14 @@ EXPORT void af_step(Args *a) {
     const int factored = a->mode == MODE_FACT_ADD || a->mode == MODE_FACT_CLAMP;
     i64 nseg, L;
     nsegs(a, factored, &nseg, &L);
-    double *own = a->segbuf ? NULL : (double *)malloc(sizeof(double) * (size_t)(2 * nseg + 1));
-    if (own) a->segbuf = own;
+    /* small tensors (a few segments) take the partial sums' buffer from the stack: no malloc */
+    double local[64];
+    const size_t need = (size_t)(2 * nseg + 1);
+    double *own = NULL;
+    if (!a->segbuf) {
+        own = need <= sizeof local / sizeof local[0] ? local : (double *)malloc(sizeof(double) * need);
+        a->segbuf = own;
+    }
     if (!a->segbuf) {
         a->err = 1;
         return;
@@ -935,7 +949,7 @@ EXPORT void af_step(Args *a) {
         af_apply(a);
     }
     if (own) {
-        free(own);
+        if (own != local) free(own);
         a->segbuf = NULL;
     }
 }
@@ -989,10 +1003,12 @@ static int group_tensor(const i64 *ti, double *td, const double *gd, const i64 *
     a.verify_x = a.use_carried;
     a.want_x = !(flags & F_WANT_X) ? X_NONE : (a.carry_x ? X_SUMSQ : X_FUSED);
     void *work = NULL;
+    double local[256]; /* small factored tensors: the work buffers from the stack, no malloc */
     if (factored) {
         const i64 nrow = a.numel / a.C, ncol = a.numel / a.R;
         const i64 n64 = nrow + ncol + nrow / a.R, n32 = nrow * (clamp ? 2 : 1) + ncol;
-        work = malloc(sizeof(double) * (size_t)n64 + sizeof(float) * (size_t)n32);
+        const size_t bytes = sizeof(double) * (size_t)n64 + sizeof(float) * (size_t)n32;
+        work = bytes <= sizeof local ? (void *)local : malloc(bytes);
         if (!work) return 1;
         a.row = (double *)work;
         a.col = a.row + nrow;
@@ -1004,7 +1020,7 @@ static int group_tensor(const i64 *ti, double *td, const double *gd, const i64 *
         a.cstate = (float *)ti[TI_CSTATE];
     }
     af_step(&a);
-    free(work);
+    if (work != (void *)local) free(work);
     td[TD_STATUS] = a.err;
     if (a.err == ERR_OVERFLOW) return 0; /* untouched; the caller steps it in float64 */
     if (a.err) return 1;
