@@ -57,7 +57,7 @@ from ._train import (
     train_run,
 )
 
-__all__ = ["CONFIGS", "add_arguments", "build_report", "plan_cells", "run"]
+__all__ = ["CONFIGS", "add_arguments", "build_report", "optimizer_spec", "plan_cells", "run"]
 
 DEFAULT_LENGTHS = (600, 1500, 3000)
 DEFAULT_SEEDS = (0, 1)
