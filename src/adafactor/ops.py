@@ -53,11 +53,11 @@ from . import _fused_cpu
 from . import _reference as ref
 from ._driver import LOCAL, LocalPasses, ReferencePasses, run_passes, update_ema
 from ._plan import GroupPlan, Impl, StepScalars, step_scalars
-from ._validation import F32_MAX
+from ._validation import check_lr
 from .factoring import FactorDims
 from .kernels import triton_module
 
-__all__ = ["SCHEMA", "OpArgs", "check_inputs", "check_lr", "step_"]
+__all__ = ["SCHEMA", "OpArgs", "check_inputs", "step_"]
 
 SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] steps, Tensor(c!)[] row_vars, "
@@ -131,19 +131,6 @@ def check_inputs(op: OpArgs) -> None:
             raise ValueError(f"adafactor.step_: {name} has {got} entries, expected {want}")
     if not _all_fit(op):
         _explain(op)
-
-
-def check_lr(lr: Tensor) -> None:
-    """The step's lr, which a compiled step passes unchecked (see ``_validation.check_lr``):
-    finite, >= 0, within float32. On the CPU only: reading a device tensor would synchronise."""
-    if lr.device.type == "cpu":
-        value = float(lr)
-        if not 0.0 <= value <= F32_MAX:  # NaN fails too
-            raise ValueError(
-                f"adafactor.step_: lr is {value!r}; a learning rate must be finite, >= 0 and at "
-                "most float32's largest value 3.4e38 (check what wrote param_groups[i]['lr'] or "
-                "what the lr schedule returned)"
-            )
 
 
 _META = operator.attrgetter("shape", "dtype", "device", "layout")
@@ -411,7 +398,7 @@ def _run(on_cpu: bool, op: OpArgs, plan: GroupPlan) -> tuple[Tensor, Tensor]:
     the tensors it supports, the reference math for the rest."""
     if not plan.kahan_summation:  # the buffers are used only with the option
         op = op._replace(kahan_comps=[])
-    check_lr(op.lr)
+    check_lr(op.lr)  # a compiled step passes a float lr unchecked (_validation.check_lr)
     fused = on_cpu and plan.impl in (Impl.AUTO, Impl.FUSED) and _fused_cpu.available()
     group = _fused_group(op) if fused else None  # checks the inputs (cached)
     if group is None:
