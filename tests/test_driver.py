@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from adafactor import Adafactor, _driver
+from adafactor import Adafactor, _driver, ops
 from adafactor import _reference as ref
 from adafactor._plan import GroupPlan, plan_of, step_scalars
 from adafactor.factoring import FactorDims, factor_dims
 
 F32_MAX = torch.finfo(torch.float32).max
+BF16_MAX = torch.finfo(torch.bfloat16).max
 
 
 def _plan(**kwargs: Any) -> GroupPlan:
@@ -216,3 +217,121 @@ def test_the_reference_op_runs_the_driver(monkeypatch: pytest.MonkeyPatch) -> No
         p.grad = torch.randn(p.shape)
     opt.step()
     assert calls == [1, 1, 1]  # one tensor per call: no collectives, nothing to wait for
+
+
+# (weights, EMA) near the largest values: float32 weights saturated by a step (3.4e38 rounds to
+# inf in bfloat16) under a bfloat16 EMA (state_dtype), float64 weights beyond float32 under a
+# float32 one; beside them ordinary elements, whose results must keep their bits
+EMA_EDGES = [
+    (
+        torch.tensor([F32_MAX, -F32_MAX, 3.0e38, 1.5, -2.25, 0.1], dtype=torch.float32),
+        torch.tensor([BF16_MAX, -1.0, BF16_MAX, 1.5, 7.0, -0.3], dtype=torch.bfloat16),
+    ),
+    (
+        torch.tensor([1e300, -1e39, 2.0, F32_MAX, 0.7], dtype=torch.float64),
+        torch.tensor([F32_MAX, 3.0, 1.0, -F32_MAX, 0.2], dtype=torch.float32),
+    ),
+]
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("case", range(len(EMA_EDGES)))
+def test_ema_saturates_and_keeps_every_finite_result(case: int, m: float) -> None:
+    """ema <- ema m + x (1 - m) in the EMA's dtype is saturated at that dtype's largest value:
+    weights cast to a narrower EMA dtype round to inf near the top (the EMA became inf, or NaN
+    at m = 1: inf * 0). Every result that was finite keeps its bits, x == ema stays exact, and
+    the overwrite copies the EMA into the weights."""
+    p, ema = (t.clone() for t in EMA_EDGES[case])
+    before = ema.double()
+    x = p.to(ema.dtype)
+    old = torch.where(x == ema, ema, ema * m + x * (1 - m))  # the unsaturated expression
+    plan = _plan(use_ema=True, ema_momentum=m, ema_overwrite_frequency=2)
+    _driver.update_ema(p, ema, plan, 1.0)
+    assert bool(ema.isfinite().all()), ema
+    finite = old.isfinite()
+    assert not bool(finite.all())  # (the case has an element that overflowed)
+    assert torch.equal(ema[finite], old[finite])  # bit for bit
+    big = torch.finfo(ema.dtype).max
+    # the others: the average of the weights saturated in the EMA dtype
+    saturated = p.double().clamp(-big, big)
+    want = torch.where(saturated == before, before, before * m + saturated * (1 - m))
+    assert torch.allclose(ema.double()[~finite], want.clamp(-big, big)[~finite], rtol=2**-7)
+    _driver.update_ema(p, ema, plan, 2.0)  # an overwrite step: x <- ema
+    assert torch.equal(p, ema.to(p.dtype))
+
+
+def _edge_grads() -> dict[str, Tensor]:
+    """Finite gradients at float32's edge, each the float64 path's test in one form."""
+    g = torch.Generator().manual_seed(3)
+    grads = {name: torch.randn(shape, generator=g) for name, shape in SWITCH_SHAPES.items()}
+    grads["total only, unfactored"].fill_(1e19)  # squares 1e38: their sum (7e38) only
+    grads["total only, factored"].fill_(0.0).fill_diagonal_(1.5e19)  # rows, cols 2.25e38
+    grads["a row sum"][1, :2] = 1.5e19  # that row's sum 4.5e38
+    grads["a square"][2] = 2e19  # 4e38
+    return grads
+
+
+SWITCH_SHAPES = {
+    "total only, unfactored": (7,),
+    "total only, factored": (4, 3),
+    "a row sum": (4, 3),
+    "a square": (5,),
+    "ordinary": (6, 5),
+}
+WIDE = {"a row sum", "a square"}  # beyond float32: a square, or a row or column sum
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"clipnorm": 1e-3}, {"global_clipnorm": 1e-3}, {"preset": "torch"}],
+    ids=["plain", "clipnorm", "global_clipnorm", "torch"],
+)
+def test_reference_and_kernel_take_the_float64_path_on_the_same_tensors(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference decides the float64 path from float64 sums with the C kernel's test: a
+    square of g or a row or column sum beyond float32, not the sum over the whole tensor (only
+    clipnorm uses it, in float64). Both switch on the same tensors, and where float32 loses the
+    extreme statistics (clipnorm's scale^2 / n underflows beside 1e38 squares) it loses them alike
+    in both: the results agree to float32 rounding."""
+    widened: dict[str, list[tuple[int, ...]]] = {"reference": [], "fused": []}
+    widen = _driver.ReferencePasses.widen
+    rest = ops._reference_rest
+
+    def reference_widen(self: _driver.ReferencePasses) -> Any:
+        widened["reference"].append(tuple(self.param.shape))
+        return widen(self)
+
+    def kernel_rest(op: Any, plan: Any, index: list[int], *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("wide"):  # the tensors the kernel handed over, untouched
+            widened["fused"] += [tuple(op.params[i].shape) for i in index]
+        return rest(op, plan, index, *args, **kwargs)
+
+    monkeypatch.setattr(_driver.ReferencePasses, "widen", reference_widen)
+    monkeypatch.setattr(ops, "_reference_rest", kernel_rest)
+    runs = {}
+    for impl in ("reference", "fused"):
+        gen = torch.Generator().manual_seed(4)
+        params = {
+            name: torch.nn.Parameter(torch.randn(shape, generator=gen))
+            for name, shape in SWITCH_SHAPES.items()
+        }
+        opt = Adafactor(list(params.values()), impl=impl, **options)
+        for step in range(2):
+            grads = _edge_grads() if step == 0 else {n: g * 1e-2 for n, g in _edge_grads().items()}
+            for name, p in params.items():
+                p.grad = grads[name]
+            opt.step()
+        runs[impl] = (params, opt)
+    want = sorted(SWITCH_SHAPES[name] for name in WIDE)
+    assert sorted(widened["reference"]) == sorted(widened["fused"]) == want, widened
+    (ref_params, ref_opt), (fused_params, fused_opt) = runs["reference"], runs["fused"]
+    for name in SWITCH_SHAPES:
+        pr, pf = ref_params[name], fused_params[name]
+        pairs = [("param", pr.detach(), pf.detach())]
+        pairs += [(k, v, fused_opt.state[pf][k]) for k, v in ref_opt.state[pr].items()]
+        for key, expected, actual in pairs:
+            assert bool(torch.isfinite(actual).all()), (name, key)
+            scale = expected.double().abs().max().item()
+            worst = (actual.double() - expected.double()).abs().max().item()
+            assert worst <= 1e-5 * scale, (name, key, worst, scale)

@@ -130,6 +130,15 @@ def test_foreach_bf16_params_match_reference(kwargs: dict, foreach_dispatch: Non
     _compare(ref, _run(sample, "auto", SHAPES, torch.bfloat16), sample.desc)
 
 
+@pytest.mark.parametrize("factored", [True, False])
+def test_foreach_float64_state_of_float32_params(factored: bool, foreach_dispatch: None) -> None:
+    """state_dtype=float64 with float32 weights: the unfactored tensors' float32 math stores
+    its average in float64 (unscaled in float64, saturated at float64's largest value)."""
+    sample = AdafactorInput("float64 state", {"state_dtype": torch.float64, "factored": factored})
+    ref = _run(sample, "reference", SHAPES, torch.float32)
+    _compare(ref, _run(sample, "auto", SHAPES, torch.float32), sample.desc)
+
+
 # ---------------------------------------------------------------------------------------------
 # direct calls: capturable mode, masking, host reads, buckets, memory
 # ---------------------------------------------------------------------------------------------
@@ -142,31 +151,39 @@ class _Group:
         self.states = [opt._state_of(p, group) for p in params]
         self.plan: GroupPlan = group_plan(group, "auto", True)
 
-    def args(
+    def op(
         self,
         grads: list[torch.Tensor],
+        skipped: torch.Tensor,
         *,
         lr: torch.Tensor | None = None,
         noise: list | None = None,
-    ) -> list[Any]:
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> ops.OpArgs:
         from adafactor.functional import _dims_of
 
         dims = [_dims_of(p, self.group) for p in self.params]
         sts = self.states
         plan = self.plan
-        return [
-            self.params,
-            grads,
-            [s["step"] for s in sts],
-            [s["row_var"] for s in sts if "row_var" in s],
-            [s["col_var"] for s in sts if "col_var" in s],
-            [s["variance"] for s in sts if "variance" in s],
-            [s["exp_avg"] for s in sts] if plan.momentum else [],
-            [s["ema"] for s in sts] if plan.use_ema else [],
-            noise or [],
-            [i for d in dims for i in (d if d is not None else (-1, -1))],
-            torch.tensor(float(self.group["lr"]), dtype=torch.float64) if lr is None else lr,
-        ]
+        no_comp = torch.empty(0, dtype=torch.bfloat16)
+        return ops.OpArgs(
+            params=self.params,
+            grads=grads,
+            steps=[s["step"] for s in sts],
+            row_vars=[s["row_var"] for s in sts if "row_var" in s],
+            col_vars=[s["col_var"] for s in sts if "col_var" in s],
+            variances=[s["variance"] for s in sts if "variance" in s],
+            exp_avgs=[s["exp_avg"] for s in sts] if plan.momentum else [],
+            emas=[s["ema"] for s in sts] if plan.use_ema else [],
+            noise=noise or [],
+            kahan_comps=[s.get("kahan_comp", no_comp) for s in sts] if plan.kahan_summation else [],
+            factor_dims=[i for d in dims for i in (d if d is not None else (-1, -1))],
+            lr=torch.tensor(float(self.group["lr"]), dtype=torch.float64) if lr is None else lr,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            skipped_steps=skipped,
+        )
 
 
 def _snapshot(g: _Group) -> list[torch.Tensor]:
@@ -212,19 +229,8 @@ def test_capturable_mode_matches_reference(sample: AdafactorInput) -> None:
         scale = None
         if opt.global_clipnorm:
             scale = global_grad_scale(grads, opt.global_clipnorm)
-        alpha, rms = _foreach.group_step(
-            *g.args(grads, lr=lr_t, noise=noise),
-            scale,
-            None,
-            skipped,
-            g.plan,
-            capturable=True,
-            kahan_comps=[
-                s.get("kahan_comp", torch.empty(0, dtype=torch.bfloat16)) for s in g.states
-            ]
-            if g.plan.kahan_summation
-            else [],
-        )
+        op = g.op(grads, skipped, lr=lr_t, noise=noise, grad_scale=scale)
+        alpha, rms = _foreach.group_step(op, g.plan, capturable=True)
     # the optimizer's last_step_stats are not filled on this path: compare the tensors only
     ref_params, ref_opt = ref
     for pr, pf in zip(ref_params, params):
@@ -254,19 +260,16 @@ def test_found_inf_skips_without_a_host_read(kwargs: dict) -> None:
     g = _make_group(shapes, **kwargs)
     skipped = torch.zeros((), dtype=torch.int64)
     for _ in range(2):  # two ordinary steps, so that the state is not trivial
-        _foreach.group_step(
-            *g.args(_grads(shapes, 0, torch.float32)), None, torch.tensor(False), skipped, g.plan,
-            capturable=True,
-        )  # fmt: skip
+        op = g.op(_grads(shapes, 0, torch.float32), skipped, found_inf=torch.tensor(False))
+        _foreach.group_step(op, g.plan, capturable=True)
     assert int(skipped) == 0 and float(g.states[0]["step"]) == 2.0
     before = _snapshot(g)
     bad = _grads(shapes, 1, torch.float32)
     bad[0][1, 2, 3] = float("nan")
     bad[1][7] = float("inf")
+    op = g.op(bad, skipped, found_inf=torch.tensor(True))
     with _no_host_reads():
-        alpha, rms = _foreach.group_step(
-            *g.args(bad), None, torch.tensor(True), skipped, g.plan, capturable=True
-        )
+        alpha, rms = _foreach.group_step(op, g.plan, capturable=True)
     after = _snapshot(g)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert int(skipped) == 1
@@ -342,11 +345,11 @@ def test_no_host_reads(kwargs: dict, capturable: bool) -> None:
     g = _make_group(shapes, **kwargs)
     skipped = torch.zeros((), dtype=torch.int64)
     lr = torch.tensor(float(g.group["lr"]), dtype=torch.float64)
-    args = g.args(_grads(shapes, 0, torch.float32), lr=lr)
-    allowed = () if capturable else (*args[2], lr)
     scale = torch.tensor(0.5) if capturable else None  # global_clipnorm's factor
+    op = g.op(_grads(shapes, 0, torch.float32), skipped, lr=lr, grad_scale=scale)
+    allowed = () if capturable else (*op.steps, lr)
     with _no_host_reads(allowed) as reads:
-        _foreach.group_step(*args, scale, None, skipped, g.plan, capturable=capturable)
+        _foreach.group_step(op, g.plan, capturable=capturable)
     assert capturable or "__float__" in reads  # the counters, read as host floats
     assert all(p.isfinite().all() for p in g.params)
 
@@ -364,10 +367,10 @@ def test_runs_on_meta_tensors(kwargs: dict) -> None:
         for s in g.states
     ]
     grads = [torch.empty(s, device=meta) for s in shapes]
-    args = g.args(grads, lr=torch.tensor(1e-2, dtype=torch.float64, device=meta))
+    lr = torch.tensor(1e-2, dtype=torch.float64, device=meta)
     found_inf = torch.empty((), dtype=torch.bool, device=meta)
     skipped = torch.empty((), dtype=torch.int64, device=meta)
-    alpha, rms = _foreach.group_step(*args, None, found_inf, skipped, g.plan)
+    alpha, rms = _foreach.group_step(g.op(grads, skipped, lr=lr, found_inf=found_inf), g.plan)
     assert alpha.device == meta and alpha.shape == (len(shapes),) and rms.shape == alpha.shape
 
 
@@ -380,10 +383,8 @@ def test_buckets_do_not_change_results() -> None:
         g = _make_group(shapes, beta1=0.9, weight_decay=0.1, weight_decay_mode="alpha")
         skipped = torch.zeros((), dtype=torch.int64)
         for step in range(3):
-            out = _foreach.group_step(
-                *g.args(_grads(shapes, step, torch.float32)), None, None, skipped, g.plan,
-                bucket_numel=limit,
-            )  # fmt: skip
+            op = g.op(_grads(shapes, step, torch.float32), skipped)
+            out = _foreach.group_step(op, g.plan, bucket_numel=limit)
         results.append((_snapshot(g), out))
     (a, (aa, ar)), (b, (ba, br)) = results
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -393,8 +394,8 @@ def test_buckets_do_not_change_results() -> None:
 def test_buckets_are_bounded() -> None:
     shapes = [(100, 10)] * 7 + [(5000,)] + [(3,)] * 4
     g = _make_group(shapes)
-    args = g.args(_grads(shapes, 0, torch.float32))
-    buckets = _foreach._buckets(*args[:10], capturable=False, limit=2500)
+    op = g.op(_grads(shapes, 0, torch.float32), torch.zeros((), dtype=torch.int64))
+    buckets = _foreach._buckets(op, capturable=False, limit=2500)
     for b in buckets:
         assert b.numel <= 2500 or len(b.params) == 1
     assert sorted(i for b in buckets for i in b.index) == list(range(len(shapes)))
@@ -444,15 +445,15 @@ def test_temporaries_stay_within_a_bucket(factored: bool) -> None:
     skipped = torch.zeros((), dtype=torch.int64)
     peaks = {}
     for limit in (65536, 1 << 30):  # one tensor per bucket; the whole group in one bucket
-        args = g.args(_grads(shapes, 0, torch.float32))
+        op = g.op(_grads(shapes, 0, torch.float32), skipped)
         with _PeakMemory() as mem:
-            _foreach.group_step(*args, None, None, skipped, g.plan, bucket_numel=limit)
+            _foreach.group_step(op, g.plan, bucket_numel=limit)
         peaks[limit] = mem.peak
     tensor_bytes = 256 * 256 * 4
     model_bytes = 16 * tensor_bytes
-    # a few temporaries of one tensor: the saturating momentum update (_lerp_finite_) and the
-    # per-element float64 path of unfactored tensors (_wide_full_u) hold about 3 full-size
-    # temporaries of the tensor they are at, one tensor at a time
+    # a few temporaries of one tensor: the saturating momentum update (_lerp_finite_) holds about
+    # 3 full-size temporaries of the tensor it is at, one tensor at a time; the unfactored
+    # tensors' float32 path (_full_u: the overflow scale s, the new squares, U) 3 of the bucket
     assert peaks[65536] <= 7 * tensor_bytes, peaks
     assert peaks[1 << 30] <= 4 * model_bytes, peaks
     assert peaks[65536] * 4 < peaks[1 << 30]
@@ -543,6 +544,91 @@ def test_overflowing_gradients_take_the_float64_path_without_a_host_read(factore
     grads = _grads(shapes, 0, torch.float32)
     for t in grads:
         t.view(-1)[3] = 3e38
+    op = g.op(grads, skipped, lr=lr)
     with _no_host_reads():
-        _foreach.group_step(*g.args(grads, lr=lr), None, None, skipped, g.plan, capturable=True)
+        _foreach.group_step(op, g.plan, capturable=True)
     assert all(bool(t.isfinite().all()) for t in _snapshot(g))
+
+
+def test_overflowing_gradients_near_the_largest_float32_with_eps1_clamp(
+    foreach_dispatch: None,
+) -> None:
+    """eps1 'clamp' (torch's preset: no update clipping, V_hat floored at eps1^2) near float32's
+    largest gradient: foreach agrees with the float64 reference within 1e-3 of each tensor's
+    scale. The wide tensors' 1/sqrt(V_hat) is the product of a per-row and a per-column factor;
+    one factor alone can be beyond float32 where the product is not (a small row beside the
+    huge one), so the product is taken in float64."""
+    ref_params, ref_opt = _overflow_run("reference", {"preset": "torch"}, 3.3e38)
+    params, opt = _overflow_run("auto", {"preset": "torch"}, 3.3e38)
+    for pr, pf in zip(ref_params, params):
+        pairs = [("param", pf.detach(), pr.detach())]
+        pairs += [(k, opt.state[pf][k], v) for k, v in ref_opt.state[pr].items() if k != "step"]
+        for key, got, want in pairs:
+            worst = (got.double() - want.double()).abs().max().item()
+            assert worst <= 1e-3 * want.abs().max().item(), (key, tuple(pr.shape), worst)
+
+
+class _ComputeCalls(TorchDispatchMode):
+    """Counts the ATen calls that compute (views and host reads of the CPU counters left out),
+    by name: about the kernel launches of a step on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
+            name = func.overloadpacket.__name__
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_overflow_path_is_multi_tensor(factored: bool) -> None:
+    """The float64 path of overflowing gradients (chosen per tensor or per element on the
+    device) costs no call per tensor: unfactored, a step is the same calls for 3 tensors as
+    for 30 (multi-tensor calls only); factored, the choice between the float32 and the float64
+    statistics and factors is the same few ``where`` calls."""
+    calls = []
+    for n in (3, 30):
+        shapes = [(6, 5) if factored else (16,)] * n
+        g = _make_group(shapes, factored=factored)
+        op = g.op(_grads(shapes, 0, torch.float32), torch.zeros((), dtype=torch.int64))
+        with _ComputeCalls() as mode:
+            _foreach.group_step(op, g.plan)
+        calls.append(mode.calls)
+    if factored:
+        assert calls[0]["where"] == calls[1]["where"], calls
+    else:
+        assert calls[0] == calls[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the weights' EMA near its dtype's largest value
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [0.99, 1.0])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_ema_saturates_at_its_dtype(sign: float, m: float) -> None:
+    """float32 weights at float32's largest value and a bfloat16 EMA: x rounds to inf in
+    bfloat16, which made the average inf (NaN at m = 1). x and the average saturate at
+    bfloat16's largest value instead; every finite average keeps its bits."""
+    shapes = [(4, 3), (5,)]
+    g = _make_group(
+        shapes, use_ema=True, ema_momentum=m, state_dtype=torch.bfloat16, relative_step=False,
+        lr=1e-3, scale_parameter=False,
+    )  # fmt: skip
+    big, bf = torch.finfo(torch.float32).max, torch.finfo(torch.bfloat16).max
+    emas = [s["ema"] for s in g.states]
+    with torch.no_grad():
+        for p, e in zip(g.params, emas):
+            p.fill_(sign * big)
+            e.copy_(torch.linspace(-1, 1, e.numel(), dtype=torch.float64).view(e.shape) * bf)
+    x = torch.tensor(sign * bf, dtype=torch.bfloat16)  # the weights, saturated
+    want = [torch.where(x == e, e, (e * m + x * (1 - m)).clamp(-bf, bf)) for e in emas]
+    skipped = torch.zeros((), dtype=torch.int64)
+    grads = [torch.zeros(s) for s in shapes]  # U = 0: the weights stay where they are
+    _foreach.group_step(g.op(grads, skipped), g.plan)
+    for p, e, w in zip(g.params, emas, want):
+        assert bool((p == sign * big).all())
+        assert bool(e.isfinite().all()), e
+        assert torch.equal(e, w)

@@ -168,12 +168,12 @@ def _train_no_clip(
 ) -> tuple[list[Snapshot], list[str], int]:
     """Five steps, the outlier in one element of every gradient at the second. Returns the
     parameters and state after each step, what was not finite, and the number of steps before
-    alpha_t first overflowed (a float32 sum of x^2 beyond float32; 5 if it never did)."""
+    the first whose weights have float32 squares that overflow (|x| >= 2^64; 5 if none)."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in NO_CLIP_SHAPES]
     snaps: list[Snapshot] = []
     bad: list[str] = []
-    alpha_ok = 5
+    squares_ok = 5
     with _impl(impl) as name, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         opt = Adafactor(params, impl=name, generator=torch.Generator().manual_seed(1), **kwargs)
@@ -182,6 +182,8 @@ def _train_no_clip(
                 p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(dtype)
                 if step == 1:
                     p.grad.view(-1)[p.numel() // 3] = huge
+            if any(bool(p.detach().abs().max() >= 2.0**64) for p in params):
+                squares_ok = min(squares_ok, step)
             opt.step()
             snap: Snapshot = []
             for i, p in enumerate(params):
@@ -193,10 +195,7 @@ def _train_no_clip(
                         if not bool(torch.isfinite(t).all()):
                             bad.append(f"step {step + 1} param {i} {key}")
             snaps.append(snap)
-            stats = opt.last_step_stats[0]
-            if stats is not None and not bool(torch.isfinite(stats.alpha).all()):
-                alpha_ok = min(alpha_ok, step)
-    return snaps, bad, alpha_ok
+    return snaps, bad, squares_ok
 
 
 NO_CLIP_IMPLS = ["reference", "fused", "foreach"]
@@ -216,15 +215,19 @@ def test_without_update_clipping_finite_gradients_give_finite_weights_and_state(
     runs = {impl: _train_no_clip(impl, kwargs, huge, dtype) for impl in NO_CLIP_IMPLS}
     for impl, (_, bad, _) in runs.items():
         assert not bad, (impl, bad[:6])
-    ref_snaps, _, ref_alpha_ok = runs["reference"]
+    ref_snaps, _, squares_ok = runs["reference"]
     for impl in NO_CLIP_IMPLS[1:]:
         if impl == "foreach" and huge > 1e30:
             # U beyond float32 on the outlier step: the reference's float64 path keeps it (only
             # x saturates), foreach computes U in float32 from float64 statistics (U saturates)
             continue
-        # once the reference's float32 sum of x^2 overflows (a parameter saturated by an
-        # earlier step), its alpha_t saturates where the kernels' float64 sums stay finite
-        for step in range(ref_alpha_ok):
+        # the reference and the C kernel sum float32 squares of x in float64, so they agree
+        # also after a jump; foreach takes RMS(x) from a float64 norm (float64 squares): compared
+        # until x has elements whose float32 squares overflow (there the others saturate RMS(x))
+        steps = len(ref_snaps)
+        if impl == "foreach":
+            steps = squares_ok
+        for step in range(steps):
             for (what, want), (_, got) in zip(ref_snaps[step], runs[impl][0][step]):
                 _assert_close_saturated(got, want, f"{impl} step {step + 1} {what}")
 
@@ -242,3 +245,30 @@ def _assert_close_saturated(got: torch.Tensor, want: torch.Tensor, what: str) ->
     bound = rtol * torch.maximum(e.abs(), torch.full_like(e, floor))
     worst = ((a - e).abs() - bound).max().item()
     assert worst <= 0, f"{what}: beyond the bound by {worst:.3g} (max |want| {e.abs().max():.3g})"
+
+
+@pytest.mark.parametrize("impl", NO_CLIP_IMPLS)
+@pytest.mark.parametrize("lr", [0.0, 1e-3])
+def test_weights_whose_squares_overflow_keep_a_finite_step_size(impl: str, lr: float) -> None:
+    """RMS(x) of weights near float32's largest value overflows float32 sums of x^2; it is
+    saturated at that value, so alpha_t is finite (never inf * 0 = NaN at lr = 0: the weights
+    stay as they are). foreach squares x in float64, so it gets the true RMS(x)."""
+    p = torch.nn.Parameter(torch.full((3, 4), 3.4e38))
+    p.data[:, 1::2] *= -1
+    q = torch.nn.Parameter(torch.full((5,), -3.0e38))
+    with _impl(impl) as name, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt = Adafactor([p, q], impl=name, lr=lr, use_ema=True)
+        before = [p.detach().clone(), q.detach().clone()]
+        p.grad, q.grad = torch.ones(3, 4), torch.ones(5)
+        opt.step()
+    alpha = opt.last_step_stats[0].alpha
+    assert torch.isfinite(alpha).all(), alpha
+    want = torch.full((2,), torch.finfo(torch.float32).max)
+    if impl == "foreach":
+        want = torch.tensor([3.4e38, 3.0e38])
+    torch.testing.assert_close(alpha, want * lr)
+    for t in (p, q, *(opt.state[t]["ema"] for t in (p, q))):
+        assert torch.isfinite(t).all()
+    if lr == 0:
+        assert torch.equal(p, before[0]) and torch.equal(q, before[1])

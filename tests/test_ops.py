@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import adafactor._fused_cpu as fused
+import adafactor.ops as ops
 from adafactor import Adafactor
 from adafactor.functional import group_plan
 from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput
@@ -239,10 +240,16 @@ _CHANGES = {
 }
 
 
+@pytest.mark.parametrize("guards", [True, False], ids=["tensor-guards", "tuples"])
 @pytest.mark.parametrize("change", list(_CHANGES))
-def test_cached_inputs_follow_changes_between_steps(change: str) -> None:
+def test_cached_inputs_follow_changes_between_steps(
+    change: str, guards: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The kernel caches each group's checked inputs and tables across steps; a change to any
-    tensor between steps is seen (the step equals the reference's on the changed inputs)."""
+    tensor between steps is seen (the step equals the reference's on the changed inputs), with
+    dynamo's C++ tensor check and with the attribute tuples used where it is unavailable."""
+    if not guards:
+        monkeypatch.setattr(ops, "_TensorGuards", None)
     runs = []
     for impl in ("auto", "reference"):
         torch.manual_seed(0)
@@ -260,6 +267,20 @@ def test_cached_inputs_follow_changes_between_steps(change: str) -> None:
         torch.testing.assert_close(s_auto[key], value, rtol=1e-6, atol=1e-7)
 
 
+def test_versions_advance_below_autograd_too() -> None:
+    """The Autograd kernel bumps the versions itself and skips ADInplaceOrView; dispatched below
+    autograd, the ADInplaceOrView kernel bumps them."""
+    params = _model_params()
+    opt = Adafactor(params)
+    _set_grads(params, 1)
+    opt.step()
+    args = _op_args(opt)
+    before = [p._version for p in params]
+    with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+        torch.ops.adafactor.step_(*args)
+    assert all(p._version > v for p, v in zip(params, before))
+
+
 def test_op_refuses_leaves_that_require_grad_in_grad_mode() -> None:
     """Like any in-place op on a leaf that requires grad: refused in grad mode, before anything
     changes (Adafactor.step runs it under torch.no_grad())."""
@@ -275,3 +296,25 @@ def test_op_refuses_leaves_that_require_grad_in_grad_mode() -> None:
     with torch.no_grad():
         torch.ops.adafactor.step_(*args)
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_dispatch_modes_see_the_op() -> None:
+    """The Autograd kernel calls the CPU kernel itself only when the dispatcher would call it
+    next; a key in between (here a dispatch mode's) gets the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[Any] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    params = _model_params()
+    opt = Adafactor(params)
+    _set_grads(params, 1)
+    before = [p.detach().clone() for p in params]
+    with Record():
+        opt.step()
+    assert torch.ops.adafactor.step_.default in seen
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))

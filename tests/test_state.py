@@ -84,3 +84,17 @@ def test_a_group_added_after_steps_gets_state(impl: str) -> None:
     _step(p, opt)
     assert set(opt.state[q]) == {"step", "variance", "exp_avg"}
     assert int(opt.state[q]["step"]) == 1 and int(opt.state[p]["step"]) == 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_narrower_ema_starts_saturated(impl: str) -> None:
+    """A bf16 EMA (state_dtype) of float32 weights beyond bf16's range starts at bf16's largest
+    value, not inf (which every later average would keep)."""
+    p = torch.nn.Parameter(torch.full((6,), 3.4e38))
+    p.data[1::2] *= -1
+    opt = Adafactor([p], impl=impl, use_ema=True, state_dtype=torch.bfloat16, lr=0.0)
+    p.grad = torch.ones(6)
+    opt.step()
+    ema = opt.state[p]["ema"]
+    assert ema.dtype == torch.bfloat16 and torch.isfinite(ema).all()
+    assert torch.equal(ema.abs(), torch.full((6,), torch.finfo(torch.bfloat16).max).bfloat16())

@@ -7,7 +7,7 @@
 .. code-block:: text
 
     pass 1      sums of g^2 (per row and column) and of x^2          round 1
-    overflow    a finite gradient whose float32 sums overflowed:
+    overflow    a finite gradient whose statistics overflow float32:
                 pass 1 again in float64                             round 1 again
     statistics  clip factor, alpha, the moving averages R and C     round 2: sum of R over rows
     pass 2      V, U and the sum of U^2                             round 3
@@ -62,11 +62,12 @@ class LocalPasses:
         raise NotImplementedError
 
     def overflow_probe(self, sums: ref.GradSums) -> float | None:
-        """Pass 1's overflow test as a number whose sum over the shards decides: NaN when the
-        local gradient has a non-finite element (it propagates, as in every reference), inf when
-        the local float32 sums overflowed, else the local sum of g^2; a total beyond float32's
-        range means float64. None: no float64 path (float64 math already, or not a CPU tensor:
-        reading the test on the host would sync)."""
+        """Pass 1's overflow test as a number: NaN when the local gradient has a non-finite
+        element (it propagates, as in every reference), inf when the local statistics are beyond
+        float32 (:func:`adafactor._reference.beyond_float32`), else the local sum of g^2. A whole
+        tensor takes the float64 path on inf; a sharded one when the sum over its shards exceeds
+        float32 (see :func:`_widens`). None: no float64 path (float64 math already, or not a CPU
+        tensor: reading the test on the host would sync)."""
         raise NotImplementedError
 
     def widen(self) -> LocalPasses:
@@ -107,28 +108,14 @@ class ReferencePasses(LocalPasses):
         g = self.ts.grad
         if g.dtype != torch.float32 or g.device.type != "cpu":
             return None
-        grad_sq = float(sums.grad_sq)
-        # every row and column sum of the same squares is at most this one (up to rounding, far
-        # inside the factor 2), so they fit too: the full test only near float32's limit
-        if grad_sq <= _F32_MAX / 2:
-            return grad_sq
-        parts = [sums.grad_sq.reshape(1)]
-        parts += [t.flatten() for t in (sums.row, sums.col) if t is not None]
-        if bool(torch.cat(parts).isfinite().all()):
-            return grad_sq
-        return math.inf if bool(g.isfinite().all()) else math.nan
+        return _probe(sums, g)
 
     def widen(self) -> LocalPasses:
         self.ts.widen()
         return self
 
     def finish_statistics(self, sums: ref.GradSums, global_grad_scale: Tensor | None) -> None:
-        dtype = self.ts.grad.dtype  # all-reduced sums come back as float64
-        for name in ("grad_sq", "param_sq", "row", "col"):
-            value = getattr(sums, name)
-            if value is not None and value.dtype != dtype:
-                setattr(sums, name, value.to(dtype))
-        ref.finish_statistics(self.ts, sums, global_grad_scale)
+        ref.finish_statistics(self.ts, sums, global_grad_scale)  # (float64 sums, reduced or not)
 
     def row_var_sum(self) -> Tensor:
         assert self.dims is not None
@@ -155,6 +142,24 @@ def _f64(value: float) -> Tensor:
     return torch.tensor(value, dtype=torch.float64)
 
 
+def _probe(sums: ref.GradSums, grad: Tensor) -> float:
+    """:meth:`LocalPasses.overflow_probe` from float64 sums of float32 squares."""
+    if not ref.beyond_float32(sums):
+        return float(sums.grad_sq)
+    return math.inf if bool(grad.isfinite().all()) else math.nan
+
+
+def _widens(probe: float | Tensor | None, sharded: bool) -> bool:
+    """Whether a tensor takes the float64 path, alike on every rank: a whole tensor when its
+    statistics are beyond float32 (probe inf: the C kernel's test, so the reference and the
+    kernel switch on the same tensors); a sharded one also when the sum of g^2 over its shards
+    is (a row or column split across ranks can exceed float32 only in total, which no rank sees
+    before the next round; the whole sum bounds every one of them). NaN compares False."""
+    if probe is None:
+        return False
+    return float(probe) > _F32_MAX if sharded else float(probe) == math.inf
+
+
 class FusedPasses(LocalPasses):
     """The fused C kernel's per-pass entry points (:mod:`adafactor._fused_cpu`) on one local
     shard; its sums are float64 already."""
@@ -170,11 +175,7 @@ class FusedPasses(LocalPasses):
         return ref.GradSums(_f64(grad_sq), _f64(param_sq), self.fs.work(0), self.fs.work(1))
 
     def overflow_probe(self, sums: ref.GradSums) -> float | None:
-        # float64 sums of float32 squares: the whole sum bounds every row and column sum
-        grad_sq = float(sums.grad_sq)
-        if math.isfinite(grad_sq):
-            return grad_sq
-        return math.inf if bool(self.grad.isfinite().all()) else math.nan
+        return _probe(sums, self.grad)  # (float64 sums of float32 squares, as the reference's)
 
     def widen(self) -> LocalPasses:
         fs = self.fs
@@ -325,9 +326,9 @@ def _step(
                     first.add(_f64(probes[j]), every[j], probes, j)
         first.run(reduction)
 
-    # a finite gradient whose float32 sums overflow: pass 1 again in float64, decided alike on
-    # every rank from the probes' totals (NaN, a non-finite gradient somewhere, compares False)
-    wide = [j for j in range(n) if probes[j] is not None and float(probes[j]) > _F32_MAX]
+    # a finite gradient whose statistics overflow float32: pass 1 again in float64, decided
+    # alike on every rank from the probes' totals
+    wide = [j for j in range(n) if _widens(probes[j], bool(every[j]))]
     if wide:
         again = _Round()
         for j in wide:
@@ -394,9 +395,14 @@ def update_ema(p: Tensor, ema: Tensor, plan: GroupPlan, t: float) -> None:
     m = plan.ema_momentum
     # tf_keras' expression (two products and a sum), so the EMA rounds as it does there; but where
     # x equals the EMA it stays exact (the expression rounds by an ulp, which a step that changes
-    # nothing, such as DCP's get_state_dict with lr 0, would write into x at an overwrite)
-    x = p.to(ema.dtype)
-    ema.copy_(torch.where(x == ema, ema, ema * m + x * (1 - m)))
+    # nothing, such as DCP's get_state_dict with lr 0, would write into x at an overwrite).
+    # Saturated at the EMA dtype's largest value, as the step saturates x: weights cast to a
+    # narrower EMA dtype (state_dtype) round to inf near the top, which made the EMA inf (NaN at
+    # m = 1: inf * 0); the average is clamped too. Every finite result keeps its bits.
+    big = min(torch.finfo(p.dtype).max, torch.finfo(ema.dtype).max)
+    x = p.clamp(-big, big).to(ema.dtype)
+    average = ref._saturate(ema * m + x * (1 - m), ema.dtype)
+    ema.copy_(torch.where(x == ema, ema, average))
     freq = plan.ema_overwrite_frequency
     if freq is not None and int(t) % freq == 0:
         p.copy_(ema)

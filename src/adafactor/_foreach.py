@@ -6,8 +6,9 @@ tensors instead of one tensor at a time:
 * **Buckets.** The group's non-empty tensors are grouped by (device, dtypes of the parameter,
   gradient and state, factored or not, and the step count with host step counters), and a bucket
   holds at most :data:`BUCKET_NUMEL` elements (a larger tensor is a bucket alone). Full-size
-  temporaries (the effective gradient, U, a float32 copy of bf16 weights) exist for one bucket
-  at a time, so the step's extra memory is a small multiple of one bucket, not of the model.
+  temporaries (the effective gradient, U, a float32 copy of bf16 weights, the unfactored
+  tensors' new squares and overflow scale) exist for one bucket at a time, so the step's extra
+  memory is a small multiple of one bucket, not of the model.
 * **Foreach where shapes agree.** Every elementwise pass over full-size tensors (rsqrt, U, update
   clipping, momentum, weight decay, the write) is one ``torch._foreach_*`` call per bucket. The
   factored statistics (row and column sums of g^2, the broadcast of R C / mean(R)) are per
@@ -34,9 +35,8 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ from torch import Tensor
 from ._plan import Eps1Mode, GroupPlan, Momentum, WeightDecay, step_scalars
 from ._reference import compute_dtype, stochastic_round_to_bf16
 from .factoring import FactorDims
+
+if TYPE_CHECKING:  # (ops imports this module inside its CUDA kernel)
+    from .ops import OpArgs
 
 __all__ = ["BUCKET_NUMEL", "group_step"]
 
@@ -80,33 +83,22 @@ def _key(t: Tensor | None) -> Any:
 
 @torch.no_grad()
 def group_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    noise: Sequence[Tensor],
-    factor_dims: Sequence[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
+    op: OpArgs,
     plan: GroupPlan,
     *,
     capturable: bool | None = None,
     bucket_numel: int | None = None,
-    kahan_comps: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
-    """One step of a param group: the op's arguments (:mod:`adafactor.ops`), already checked.
+    """One step of a param group: the op's arguments (:class:`adafactor.ops.OpArgs`), already
+    checked, and its plan.
 
     Returns ``(alpha, update_rms)``, float32, one entry per parameter, on the parameters' device.
     ``capturable`` (default: whether every step counter lives off the CPU) computes the per-step
-    scalars from the counters on the device; ``bucket_numel`` overrides :data:`BUCKET_NUMEL`;
-    ``kahan_comps``: the op's list of that name (used with ``plan.kahan_summation``).
+    scalars from the counters on the device; ``bucket_numel`` overrides :data:`BUCKET_NUMEL`.
+    ``op.kahan_comps`` is used with ``plan.kahan_summation`` only.
     """
+    params, steps, lr = op.params, op.steps, op.lr
+    found_inf, skipped_steps = op.found_inf, op.skipped_steps
     n = len(params)
     device = params[0].device if n else lr.device
     alphas = torch.zeros(n, dtype=torch.float32, device=device)
@@ -130,34 +122,22 @@ def group_step(
         lr_s: float | Tensor = lr if lr.device == device else lr.to(device, non_blocking=True)
     else:
         lr_s = float(lr) if lr.device.type == "cpu" else lr
-    for b in _buckets(
-        params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise, factor_dims,
-        capturable, BUCKET_NUMEL if bucket_numel is None else bucket_numel,
-        kahan_comps if plan.kahan_summation else (),
-    ):  # fmt: skip
-        _bucket_step(b, plan, lr_s, grad_scale, skip, alphas, rmss)
+    limit = BUCKET_NUMEL if bucket_numel is None else bucket_numel
+    for b in _buckets(op, capturable, limit, kahan=plan.kahan_summation):
+        _bucket_step(b, plan, lr_s, op.grad_scale, skip, alphas, rmss)
     if skip is not None:
         alphas.masked_fill_(skip, 0.0)
         rmss.masked_fill_(skip, 0.0)
     return alphas, rmss
 
 
-def _buckets(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    noise: Sequence[Tensor],
-    factor_dims: Sequence[int],
-    capturable: bool,
-    limit: int,
-    kahan_comps: Sequence[Tensor] = (),
-) -> list[_Bucket]:
-    """The group's non-empty tensors in buckets of one kind and at most ``limit`` elements."""
+def _buckets(op: OpArgs, capturable: bool, limit: int, *, kahan: bool = False) -> list[_Bucket]:
+    """The group's non-empty tensors in buckets of one kind and at most ``limit`` elements
+    (``kahan``: with the compensation buffers of ``op.kahan_comps``)."""
+    params, grads, steps, factor_dims = op.params, op.grads, op.steps, op.factor_dims
+    row_vars, col_vars, variances = op.row_vars, op.col_vars, op.variances
+    exp_avgs, emas, noise = op.exp_avgs, op.emas, op.noise
+    kahan_comps = op.kahan_comps if kahan else ()
     open_: dict[Any, _Bucket] = {}
     out: list[_Bucket] = []
     fi = vi = 0
@@ -258,19 +238,50 @@ def _cast(ts: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [t.to(dtype) for t in ts]
 
 
+def _flat(like: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    """One new buffer for small tensors shaped like ``like``: the buffer and its views, so that
+    an elementwise pass over all of them is one call on the buffer."""
+    sizes = [t.numel() for t in like]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=like[0].device)
+    return flat, [v.view(t.shape) for v, t in zip(flat.split(sizes), like)]
+
+
+def _flat_copy(ts: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_flat` filled with ``ts`` (cast to ``dtype``) by one multi-tensor copy."""
+    flat, views = _flat(ts, dtype)
+    torch._foreach_copy_(views, ts)
+    return flat, views
+
+
+def _spread(per_tensor: Tensor, like: list[Tensor]) -> Tensor:
+    """A [n] vector repeated over the elements of each tensor of ``like`` (:func:`_flat`'s
+    layout), by one concatenation of broadcast views: no host-to-device copy."""
+    return torch.cat([x.expand(t.numel()) for x, t in zip(per_tensor.unbind(), like)])
+
+
 def _overflow_scale(G: list[Tensor], numels: list[float]) -> tuple[Tensor, list, Tensor]:
     """Per tensor, on the device: ``wide`` (bool [n]): its sums of g^2 could overflow float32
     (max|g|^2 numel >= 2^127); the exact power of two ``s = 2^-k`` to scale g by before squaring
     (0-d tensors, 1 where not wide: the same bits as without it); and ``4^k`` (float64 [n]) that
-    unscales the sums. No host read: k comes from max|g| by device ops."""
-    amax = torch.stack(list(torch._foreach_norm(G, float("inf")))).to(torch.float32)
-    half = [0.5 * math.log2(max(k, 1.0)) - 63.5 for k in numels]
-    k = (amax.log2() + torch.tensor(half).to(amax.device, non_blocking=True)).ceil_()
+    unscales the sums. No host read and one pass over the bucket: max|g| of every tensor in one
+    multi-tensor reduction; k from it on the [n] vector (the per-tensor term log2(numel) / 2
+    enters as a list of host floats, kernel arguments rather than a copy to the device)."""
+    logs = list(torch._foreach_norm(G, float("inf")))  # max|g|
+    torch._foreach_log2_(logs)
+    torch._foreach_add_(logs, [0.5 * math.log2(max(k, 1.0)) - 63.5 for k in numels])
+    k = torch.stack(logs).to(torch.float32).ceil_()
     k = torch.nan_to_num(k, nan=0.0, posinf=0.0).clamp_(0.0, 100.0)  # (inf, NaN g: unscaled)
     ki = k.to(torch.int32)
     s = ((127 - ki) << 23).view(torch.float32)  # 2^-k, exact
     up = ((1023 + 2 * ki.to(torch.int64)) << 52).view(torch.float64)  # 4^k, exact
     return k > 0, list(s.unbind()), up
+
+
+def _scalar64(s: Scalar, n: int) -> float | list[Tensor]:
+    """A bucket scalar in float64: a host float, or n 0-d tensors (one cast of the stack)."""
+    if isinstance(s, float):
+        return s
+    return list(torch.stack(_each(s, n)).double().unbind())
 
 
 def _wide_factors(
@@ -283,27 +294,34 @@ def _wide_factors(
     nrows: list[float],
     eps1: float,
     w2: Scalar,
-    n: int,
-) -> list[tuple[Tensor, Tensor]]:
+) -> tuple[tuple[Tensor, list[Tensor]], tuple[Tensor, list[Tensor]]]:
     """The reference's float64 averages of R and C from the scaled float32 sums (before they
     are scaled in place): sum * 4^k * scale^2 / n + eps1, lerped in float64. Computed for every
-    tensor (small vectors); the caller keeps them where ``wide``."""
-    sq: list[Tensor] = [torch.ones((), dtype=torch.float64, device=up.device)] * n
-    if not (isinstance(gscale, float) and gscale == 1.0):
-        sq = [torch.as_tensor(x, dtype=torch.float64).square() for x in _each(gscale, n)]
-    ws = _each(w2, n) if not isinstance(w2, float) else [w2] * n
+    tensor (the caller keeps them where ``wide``), on the small vectors, one multi-tensor call
+    per operation for the bucket; each as a buffer and its views (:func:`_flat`)."""
+    n = len(rows)
+    k2 = up  # 4^k scale^2, float64 [n]
+    if isinstance(gscale, list):
+        k2 = up * torch.stack(gscale).double().square()
+    elif isinstance(gscale, Tensor):
+        k2 = up * gscale.double().square()
+    elif gscale != 1.0:
+        k2 = up * (gscale * gscale)
+    k2s = list(k2.unbind())
+    w = _scalar64(w2, n)
     out = []
-    for i in range(n):
-        k2 = up[i] * sq[i]
-        r64 = rows[i].double() * k2 / ncols[i] + eps1
-        c64 = cols[i].double() * k2 / nrows[i] + eps1
-        w = ws[i]
-        w = w.double() if isinstance(w, Tensor) else w
-        out.append((b.row_vars[i].double().lerp(r64, w), b.col_vars[i].double().lerp(c64, w)))
-    return out
+    for sums, counts, avg in ((rows, ncols, b.row_vars), (cols, nrows, b.col_vars)):
+        _, new = _flat_copy(sums, torch.float64)
+        torch._foreach_mul_(new, k2s)
+        torch._foreach_div_(new, counts)
+        torch._foreach_add_(new, eps1)
+        flat, avg64 = _flat_copy(avg, torch.float64)
+        torch._foreach_lerp_(avg64, new, w)
+        out.append((flat, avg64))
+    return out[0], out[1]
 
 
-def _wide_full_u(
+def _full_u(
     V: list[Tensor],
     G: list[Tensor],
     numer: list[Tensor],
@@ -312,36 +330,94 @@ def _wide_full_u(
     w2: Scalar,
     skip: Tensor | None,
 ) -> list[Tensor]:
-    """Unfactored float32 tensors: V <- lerp(V, g^2 + eps1, 1 - beta2_t) and U = numer / sqrt(V),
-    with the reference's float64 path per element: where g^2 would overflow float32 (|g| >= 2^63)
-    g, V and eps1 are scaled by s = 2^-64 (exact): V' = lerp(V s^2, (g s)^2 + eps1 s^2, w),
-    U = s numer / sqrt(V') and V is stored as V' / s^2, saturated. s = 1 elsewhere: the same bits
-    as without it. Decided per element on the device (no host read); one tensor at a time, so
-    the temporaries are a few of one tensor."""
+    """Unfactored tensors with float32 math: V <- lerp(V, g^2 + eps1, 1 - beta2_t) and
+    U = numer / sqrt(V), with the reference's float64 path per element: where g^2 would
+    overflow float32 (|g| >= 2^63) g, V and eps1 are scaled by s = 2^-64 (exact):
+    V' = lerp(V s^2, (g s)^2 + eps1 s^2, w), U = s numer / sqrt(V') and V is stored as V' / s^2,
+    saturated. s = 1 elsewhere: the same bits as without it. Decided per element on the device
+    (no host read).
+
+    A float32 V without ``skip`` is averaged in place, the bucket at once (one multi-tensor call
+    per operation; temporaries: s, the new squares, U); otherwise (V's old values kept for the
+    mask, or a float32 copy of another dtype) one tensor at a time, so that the temporaries stay
+    a few of one tensor."""
+    if V[0].dtype == torch.float32 and skip is None:
+        return _full_u_of(V, G, numer, eps1, clamp, w2, skip)
+    ws: list[Scalar] = [w2] * len(V) if isinstance(w2, float) else [[w] for w in _each(w2, len(V))]
+    return [
+        _full_u_of([v], [g], [num], eps1, clamp, w, skip)[0]
+        for v, g, num, w in zip(V, G, numer, ws)
+    ]
+
+
+def _full_u_of(
+    V: list[Tensor],
+    G: list[Tensor],
+    numer: list[Tensor],
+    eps1: float,
+    clamp: bool,
+    w: Scalar,
+    skip: Tensor | None,
+) -> list[Tensor]:
+    """:func:`_full_u` on a list of tensors, one multi-tensor call per operation."""
     dt = V[0].dtype
     big_v = torch.finfo(dt).max
-    ws = w2 if isinstance(w2, list) else [w2] * len(V)
-    U = []
-    for g, v, num, w in zip(G, V, numer, ws):
-        huge = g.abs() >= 2.0**63
-        sig = torch.where(huge, 2.0**-64, 1.0)
-        new_sq = g * sig
-        new_sq.mul_(new_sq)
-        if not clamp:
-            new_sq.add_(torch.where(huge, eps1 * 2.0**-128, eps1))
-        scaled = v.to(torch.float32) * sig
-        scaled.mul_(sig)
-        scaled = torch.lerp(scaled, new_sq.to(dt).to(torch.float32), w)
+    # s from |g| by exact steps: floor(|g| 2^-63) is 0 below 2^63 and at least 1 from it (inf
+    # at inf, NaN kept); 1 - min(that, 1) is 1 or 0; at least 2^-64
+    S = torch._foreach_abs(G)
+    torch._foreach_mul_(S, 2.0**-63)
+    torch._foreach_floor_(S)
+    torch._foreach_clamp_max_(S, 1.0)
+    torch._foreach_mul_(S, -1.0)
+    torch._foreach_add_(S, 1.0)
+    torch._foreach_clamp_min_(S, 2.0**-64)
+    S = _cast(S, torch.float32)  # (exact; float64 for a 0-d g times a float64 global scale)
+    # (g s)^2 + eps1 s^2, eps1 rounded to float32 (a 0-d g times a float64 global scale is
+    # float64: its square is rounded to V's dtype, as the reference's)
+    new_sq = torch._foreach_mul(G, S)
+    torch._foreach_mul_(new_sq, new_sq)
+    if not clamp:
+        torch._foreach_addcmul_(new_sq, S, S, value=_as_math(eps1, torch.float32))
+    if dt == torch.float32 and skip is None:  # V' in place
+        torch._foreach_mul_(V, S)
+        torch._foreach_mul_(V, S)
+        torch._foreach_lerp_(V, _cast(new_sq, dt), w)
         del new_sq
-        stored = (scaled / sig).div_(sig).clamp_(-big_v, big_v).to(dt)
-        _commit([v], [stored], skip)
-        # this step's V: the stored one where s is 1 (as without the scaling), else unrounded
-        u = torch.where(huge, scaled, stored.to(torch.float32))
-        del stored, scaled, huge
-        if clamp:
-            u.clamp_(min=eps1 * eps1)
-        u.rsqrt_().mul_(num).mul_(sig)
-        U.append(u)
+        # this step's V: V' (for s = 1 the stored value: V' is finite, so saturating keeps it)
+        U = _rsqrt_floored(V, eps1 if clamp else None)
+        torch._foreach_div_(V, S)
+        torch._foreach_div_(V, S)
+        _saturate_(V, big_v)
+    else:
+        scaled = torch._foreach_mul(_cast(V, torch.float32), S)
+        torch._foreach_mul_(scaled, S)
+        torch._foreach_lerp_(scaled, _cast(_cast(new_sq, dt), torch.float32), w)
+        del new_sq
+        # unscaled in float32, or in float64 for a float64 V (V' / s^2 can exceed float32)
+        stored = _cast(scaled, torch.float64 if dt == torch.float64 else torch.float32)
+        stored = torch._foreach_div(stored, S)
+        torch._foreach_div_(stored, S)
+        _saturate_(stored, big_v)
+        stored = _cast(stored, dt)
+        _commit(V, stored, skip)
+        if dt != torch.float32:  # this step's V: the stored one where s is 1, else unrounded
+            scaled = [
+                torch.where(s < 1.0, a, st.to(torch.float32)) for a, st, s in zip(scaled, stored, S)
+            ]
+        del stored
+        U = _rsqrt_floored(scaled, eps1 if clamp else None)
+        del scaled
+    torch._foreach_mul_(U, numer)
+    torch._foreach_mul_(U, S)
+    return U
+
+
+def _rsqrt_floored(V: list[Tensor], eps1: float | None) -> list[Tensor]:
+    """1 / sqrt(V), new tensors; with ``eps1`` (eps1 'clamp') V floored at eps1^2 first."""
+    if eps1 is None:
+        return list(torch._foreach_rsqrt(V))
+    U = list(torch._foreach_clamp_min(V, eps1 * eps1))
+    torch._foreach_rsqrt_(U)
     return U
 
 
@@ -443,38 +519,41 @@ def _bucket_step(
 
     # ---- pass 1: statistics; between passes: clip factor, alpha, factored averages --------------
     # The reference's float64 path (a finite g whose squares overflow float32), chosen per
-    # tensor on the device: g is scaled by an exact power of two before squaring and the
-    # statistics are averaged in float64 (factored tensors; see _overflow_scale)
+    # tensor on the device by one reduction over the bucket (_overflow_scale): g is scaled by an
+    # exact power of two before squaring and the statistics are averaged in float64 (factored
+    # tensors); the float64 work is done for every tensor, as multi-tensor calls on the small
+    # vectors, and kept where ``wide`` (which tensors need it is not known on the host)
     wide = None
     if factored or plan.clipnorm is not None:
         wide, g_scale, up = _overflow_scale(G, numels)
     gscale: Scalar = 1.0
     if plan.clipnorm is not None:
-        # the reference's clipnorm / max(||g||, clipnorm), on a vector of the bucket's norms
-        if wide is None:
-            norm = torch.stack(torch._foreach_norm(G))
-        else:  # ||g s|| / s in float64 (= ||g|| where ||g||^2 is beyond float32)
-            scaled = torch._foreach_mul(G, g_scale)
-            norm = torch.stack(torch._foreach_norm(scaled)).double() * up.sqrt()
-            del scaled
+        assert wide is not None
+        # the reference's clipnorm / max(||g||, clipnorm), on a vector of the bucket's norms:
+        # float32 norms, float64 ones where ||g||^2 may be beyond float32
+        norm = torch.stack(torch._foreach_norm(G)).double()
+        norm = torch.where(wide, torch.stack(torch._foreach_norm(G, 2, dtype=torch.float64)), norm)
         gscale = list((plan.clipnorm / norm.clamp(min=plan.clipnorm)).to(cdt).unbind())
     elif global_scale is not None:
         gscale = global_scale
 
     alpha: Scalar
     if plan.scale_parameter:
-        x_rms = _sq_mean_sqrt(list(torch._foreach_norm(P, 2, dtype=cdt)), numels)
+        # float64 sums of x^2, as the reference's (a float32 sum overflows for |x| ~ 1e18)
+        x_rms = _sq_mean_sqrt(list(torch._foreach_norm(P, 2, dtype=torch.float64)), numels)
         wd = plan.weight_decay
         if plan.weight_decay_mode == WeightDecay.LR_BEFORE and wd:
             factor = 1 - lr_t * wd
             torch._foreach_mul_(x_rms, _s(abs(factor), n))
+        torch._foreach_clamp_max_(x_rms, torch.finfo(cdt).max)  # saturated, as the reference
+        if cdt != torch.float64:
+            x_rms = list(torch.stack(x_rms).to(cdt).unbind())
         torch._foreach_clamp_min_(x_rms, plan.eps2)
         torch._foreach_mul_(x_rms, _s(rho, n))
         alpha = x_rms
     else:
         alpha = rho
 
-    wide_stats: list[tuple[Tensor, Tensor]] = []
     if factored:
         assert wide is not None
         rows, cols = [], []
@@ -486,9 +565,11 @@ def _bucket_step(
             del sq
         ncols = [float(p.shape[d.col_dim]) for p, d in zip(P, b.dims) if d is not None]
         nrows = [float(p.shape[d.row_dim]) for p, d in zip(P, b.dims) if d is not None]
-        wide_stats = _wide_factors(
-            b, rows, cols, up, gscale, ncols, nrows, 0.0 if clamp else eps1, w2, n
+        # the float64 averages (buffers and views), and where each tensor's elements are wide
+        (r64_flat, r64), (c64_flat, c64) = _wide_factors(
+            b, rows, cols, up, gscale, ncols, nrows, 0.0 if clamp else eps1, w2
         )
+        wide_r, wide_c = _spread(wide, b.row_vars), _spread(wide, b.col_vars)
         if isinstance(gscale, float):  # sums * (1 / n), as the reference's scale_sq / n
             torch._foreach_mul_(rows, [gscale * gscale / k for k in ncols])
             torch._foreach_mul_(cols, [gscale * gscale / k for k in nrows])
@@ -500,16 +581,20 @@ def _bucket_step(
         if not clamp:
             torch._foreach_add_(rows, eps1)
             torch._foreach_add_(cols, eps1)
-        new_r = list(torch._foreach_lerp(b.row_vars, _cast(rows, stats_dtype), w2))
-        new_c = list(torch._foreach_lerp(b.col_vars, _cast(cols, stats_dtype), w2))
+        new_r_flat, new_r = _flat_copy(b.row_vars, stats_dtype)
+        new_c_flat, new_c = _flat_copy(b.col_vars, stats_dtype)
+        torch._foreach_lerp_(new_r, _cast(rows, stats_dtype), w2)
+        torch._foreach_lerp_(new_c, _cast(cols, stats_dtype), w2)
         del rows, cols
         big_s = torch.finfo(stats_dtype).max  # the float64 averages are stored saturated
-        for i, (r64, c64) in enumerate(wide_stats):
-            torch.where(wide[i], r64.clamp(-big_s, big_s).to(stats_dtype), new_r[i], out=new_r[i])
-            torch.where(wide[i], c64.clamp(-big_s, big_s).to(stats_dtype), new_c[i], out=new_c[i])
+        for new_flat, avg_flat, mask in (
+            (new_r_flat, r64_flat, wide_r),
+            (new_c_flat, c64_flat, wide_c),
+        ):
+            torch.where(mask, avg_flat.clamp(-big_s, big_s).to(stats_dtype), new_flat, out=new_flat)
         _commit(b.row_vars, new_r, skip)
         _commit(b.col_vars, new_c, skip)
-        del new_r, new_c
+        del new_r, new_c, new_r_flat, new_c_flat
 
     # ---- pass 2: U = numerator / sqrt(V_hat) -----------------------------------------------
     if not isinstance(gscale, float) or gscale != 1.0:
@@ -524,41 +609,60 @@ def _bucket_step(
         _lerp_finite_(M, G, w1, skip)
         numer = _cast(M, cdt)
     if factored and not clamp:
-        # 1/sqrt(V_hat) as a per-row times a per-column factor, computed on the small vectors
-        inv_rows, inv_cols = [], []
-        for i, (rv, cv, d) in enumerate(zip(b.row_vars, b.col_vars, b.dims)):
-            assert d is not None and wide is not None
+        # 1/sqrt(V_hat) as a per-row times a per-column factor, computed on the small vectors;
+        # the wide tensors' from the unrounded float64 averages, for the bucket at once
+        mean64 = [r.mean(d.row_dim, keepdim=True) for r, d in zip(r64, b.dims) if d is not None]
+        torch._foreach_sqrt_(mean64)
+        ir_parts = torch._foreach_div(mean64, torch._foreach_sqrt(r64))
+        ir_wide = torch.cat([x.view(-1) for x in ir_parts])
+        ir_wide = ir_wide.clamp_(max=torch.finfo(cdt).max).to(cdt)
+        ic_wide = c64_flat.sqrt().reciprocal_().to(cdt)
+        del mean64, ir_parts, r64, c64, r64_flat, c64_flat
+        ir_flat, inv_rows = _flat(b.row_vars, cdt)
+        ic_flat, inv_cols = _flat(b.col_vars, cdt)
+        for rv, cv, d, ir, ic in zip(b.row_vars, b.col_vars, b.dims, inv_rows, inv_cols):
+            assert d is not None
             r = rv.to(cdt)
             # sqrt(mean(R)) / sqrt(R), as the reference: R / mean(R) can underflow to 0 beside
             # a saturated row (mean in float64: a float32 sum of saturated rows overflows)
             mean = r.mean(d.row_dim, keepdim=True, dtype=torch.float64).to(cdt)
-            ir, ic = mean.sqrt_() / r.sqrt(), cv.to(cdt).sqrt().reciprocal_()
-            r64, c64 = wide_stats[i]  # the same from the unrounded float64 averages
-            mean64 = r64.mean(d.row_dim, keepdim=True)
-            big = torch.finfo(cdt).max
-            ir64 = (mean64.sqrt() / r64.sqrt()).clamp(max=big).to(cdt)
-            inv_rows.append(torch.where(wide[i], ir64, ir))
-            inv_cols.append(torch.where(wide[i], c64.sqrt().reciprocal().to(cdt), ic))
+            torch.div(mean.sqrt_(), r.sqrt(), out=ir)
+            torch.reciprocal(cv.to(cdt).sqrt(), out=ic)
+        torch.where(wide_r, ir_wide, ir_flat, out=ir_flat)
+        torch.where(wide_c, ic_wide, ic_flat, out=ic_flat)
+        del ir_wide, ic_wide
         U = torch._foreach_mul(numer, inv_rows)
         torch._foreach_mul_(U, inv_cols)
-        del inv_rows, inv_cols
+        del inv_rows, inv_cols, ir_flat, ic_flat
     elif factored:
+        # the wide tensors': rsqrt(max(R C / max(mean(R), eps1), eps1^2)) as
+        # min(sqrt(max(mean(R), eps1) / R) / sqrt(C), 1 / eps1), the factors from the float64
+        # averages on the small vectors (for the bucket at once), their product in float64 (a
+        # factor can be beyond float32 where the product is not)
+        assert wide is not None
+        mean64 = [r.mean(d.row_dim, keepdim=True) for r, d in zip(r64, b.dims) if d is not None]
+        torch._foreach_clamp_min_(mean64, eps1)
+        ir64 = torch._foreach_div(mean64, r64)
+        torch._foreach_sqrt_(ir64)
+        ic64 = torch._foreach_rsqrt(c64)
         U = []
-        for i, (rv, cv, d) in enumerate(zip(b.row_vars, b.col_vars, b.dims)):
-            assert d is not None and wide is not None
+        for rv, cv, d, w_i, ir_w, ic_w in zip(
+            b.row_vars, b.col_vars, b.dims, wide.unbind(), ir64, ic64
+        ):
+            assert d is not None
             r, c = rv.to(cdt), cv.to(cdt)
             row_mean = r.mean(d.row_dim, keepdim=True)
             # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
             u = (r * c / row_mean.clamp(min=eps1)).clamp_(min=eps1 * eps1).rsqrt_()
-            r64, c64 = wide_stats[i]
-            mean64 = r64.mean(d.row_dim, keepdim=True)
-            u64 = (r64 * c64 / mean64.clamp(min=eps1)).clamp_(min=eps1 * eps1).rsqrt_()
-            U.append(torch.where(wide[i], u64.to(cdt), u))
+            u_w = (ir_w * ic_w).clamp_(max=1.0 / eps1).to(cdt)
+            U.append(torch.where(w_i, u_w, u, out=u))
+            del u_w
+        del mean64, ir64, ic64
         torch._foreach_mul_(U, numer)
     else:
         V = b.variances
         if cdt == torch.float32:
-            U = _wide_full_u(V, G, numer, eps1, clamp, w2, skip)
+            U = _full_u(V, G, numer, eps1, clamp, w2, skip)
         else:
             new_sq = torch._foreach_mul(G, G)
             if not clamp:
@@ -648,9 +752,19 @@ def _bucket_step(
     if plan.use_ema:  # tf_keras: ema * m + x * (1 - m), exact where x == ema; x <- ema
         E = b.emas
         m = plan.ema_momentum
-        XE = _cast(P, E[0].dtype)
+        # saturated at the EMA dtype's largest value, as _driver.update_ema: x cast to a narrower
+        # EMA dtype can round to inf (inf * 0 is NaN at m = 1), and so can the sum near it;
+        # every finite result keeps its bits
+        big_e = torch.finfo(E[0].dtype).max
+        if big_e < torch.finfo(pdtype).max:
+            XE = torch._foreach_clamp_min(P, -big_e)
+            torch._foreach_clamp_max_(XE, big_e)
+            XE = _cast(XE, E[0].dtype)
+        else:
+            XE = _cast(P, E[0].dtype)
         new = torch._foreach_mul(E, m)
         torch._foreach_add_(new, torch._foreach_mul(XE, 1 - m))
+        _saturate_(new, big_e)
         for e, x, v in zip(E, XE, new):
             torch.where(x == e, e, v, out=v)
         _commit(E, new, skip)

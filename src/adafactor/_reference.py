@@ -17,7 +17,11 @@ next can start):
 all-reduce the partial sums between them).
 
 Notation: ``t`` is the 1-based step, ``g`` the gradient, ``x`` the parameter; all arithmetic runs
-in float32 (float64 for float64 parameters) whatever the storage dtype.
+in float32 (float64 for float64 parameters) whatever the storage dtype, except that the sums over
+the tensor accumulate in float64 and the scalars taken from them (the clip factor, alpha_t, the
+scale of the row and column means) are computed in float64 and rounded to the math dtype where
+they meet a tensor. A finite gradient whose statistics do not fit float32 takes the float64 path
+(:meth:`TensorStep.widen`, :func:`beyond_float32`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "GradSums",
     "TensorStep",
     "apply_update",
+    "beyond_float32",
     "compute_dtype",
     "grad_square_sums",
     "kahan_round_to_bf16",
@@ -52,7 +57,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class GradSums:
-    """Pass-1 partial sums of one tensor; a sharded driver all-reduces them before use."""
+    """Pass-1 partial sums of one tensor, float64; a sharded driver all-reduces them before use."""
 
     __slots__ = ("col", "grad_sq", "param_sq", "row")
 
@@ -75,8 +80,8 @@ class TensorStep:
     numel: int  # elements of the whole (unsharded) tensor
     shape: tuple[int, ...]  # shape of the whole (unsharded) tensor
     scalars: StepScalars  # t, lr_t, beta2_t, rho_t (adafactor._plan.step_scalars)
-    grad_scale: float | Tensor = 1.0  # clipnorm / global_clipnorm factor, set after pass 1
-    alpha: float | Tensor = 0.0  # step size alpha_t, set after pass 1
+    grad_scale: float | Tensor = 1.0  # clipnorm / global_clipnorm factor (float64), after pass 1
+    alpha: float | Tensor = 0.0  # step size alpha_t (float64), set after pass 1
     update: Tensor | None = None  # U (or momentum-based numerator / sqrt(V_hat)), pass 2
     update_rms: Tensor | None = None  # RMS(U) before clipping, set after pass 2
     row_var_mean: Tensor | None = None  # mean of R over rows; a sharded driver sets the reduced one
@@ -89,9 +94,9 @@ class TensorStep:
         return self.scalars.lr
 
     def widen(self) -> None:
-        """Float64 math from pass 1 on, for a finite gradient whose squares overflow float32
-        (|g| above about 1.8e19, or sums beyond 3.4e38), which would otherwise turn the whole
-        tensor into NaN. Pass 1 changes nothing, so the driver can decide after it."""
+        """Float64 math from pass 1 on, for a finite gradient whose statistics overflow float32
+        (:func:`beyond_float32`), which would otherwise turn the whole tensor into NaN. Pass 1
+        changes nothing, so the driver can decide after it."""
         self.grad, self.wide = self.grad.double(), {}
 
 
@@ -137,14 +142,35 @@ def prepare(
 # pass 1: statistics
 # ---------------------------------------------------------------------------------------------
 def grad_square_sums(ts: TensorStep) -> GradSums:
-    """Pass 1: local sums of g^2 (per row and column when factored) and of x^2."""
-    g_sq = ts.grad.square()
-    x = ts.param.to(ts.grad.dtype)
+    """Pass 1: local sums of g^2 (per row and column when factored) and of x^2.
+
+    The squares are taken in the math dtype (inf where one overflows float32) and summed in
+    float64: a float32 sum of finite squares can overflow, and ||g|| and RMS(x) need only be
+    finite in float64."""
+    f64 = torch.float64  # (one float64 copy of the squares: sum(dtype=) copies per sum on CPU)
+    g_sq = ts.grad.square().to(f64)
+    x_sq = ts.param.to(ts.grad.dtype).square().to(f64)
     row = col = None
     if ts.dims is not None:
         row = g_sq.sum(ts.dims.col_dim, keepdim=True)
         col = g_sq.sum(ts.dims.row_dim, keepdim=True)
-    return GradSums(g_sq.sum(), x.square().sum(), row, col)
+    return GradSums(g_sq.sum(), x_sq.sum(), row, col)
+
+
+def beyond_float32(sums: GradSums) -> bool:
+    """Whether float32 math cannot take this step's statistics (pass 1's float64 sums): a square
+    g^2 beyond float32 (|g| above about 1.8e19: the sum is then inf, as for a non-finite g, which
+    the caller tells apart) or a row or column sum of g^2 beyond it (R and C are float32). The
+    sum over the whole tensor may exceed float32: only clipnorm uses it, in float64. The C
+    kernel's test (``overflowed`` in csrc/adafactor_cpu.c), so both take the same path."""
+    big = torch.finfo(torch.float32).max
+    total = float(sums.grad_sq)
+    if total <= big / 2:  # every row and column sum of the same squares is at most the total
+        return False
+    if not math.isfinite(total):
+        return True
+    parts = [t.flatten() for t in (sums.row, sums.col) if t is not None]
+    return bool(parts) and not bool((torch.cat(parts) <= big).all())
 
 
 def norm_clip_factor(sq_sum: Tensor, max_norm: float) -> Tensor:
@@ -164,7 +190,10 @@ def step_size(ts: TensorStep, param_sq: Tensor) -> float | Tensor:
     param_rms = (param_sq / max(ts.numel, 1)).sqrt()
     if plan.weight_decay_mode == WeightDecay.LR_BEFORE and plan.weight_decay:
         param_rms = param_rms * abs(1 - ts.lr * plan.weight_decay)
-    return param_rms.clamp(min=plan.eps2) * rho
+    # RMS(x) saturated at the math dtype's largest value: once x^2 overflows it is inf, and
+    # inf * rho would make alpha_t inf (NaN at lr = 0) where the true RMS(x) <= max|x| is finite
+    big = torch.finfo(ts.grad.dtype).max
+    return param_rms.clamp(min=plan.eps2, max=big) * rho
 
 
 def update_factors(ts: TensorStep, sums: GradSums) -> None:
@@ -175,10 +204,13 @@ def update_factors(ts: TensorStep, sums: GradSums) -> None:
     same, and means do not grow with the tensor size.
     """
     assert ts.dims is not None and sums.row is not None and sums.col is not None
+    dtype = ts.grad.dtype  # the float64 sums and scales are rounded to the math dtype
     eps1 = _eps1(ts) if ts.plan.eps1_mode == Eps1Mode.ADD else 0.0
     scale_sq = _square(ts.grad_scale)
-    row_mean = sums.row * (scale_sq / ts.shape[ts.dims.col_dim]) + eps1
-    col_mean = sums.col * (scale_sq / ts.shape[ts.dims.row_dim]) + eps1
+    row_scale = _to(scale_sq / ts.shape[ts.dims.col_dim], dtype)
+    col_scale = _to(scale_sq / ts.shape[ts.dims.row_dim], dtype)
+    row_mean = sums.row.to(dtype) * row_scale + eps1
+    col_mean = sums.col.to(dtype) * col_scale + eps1
     weight = 1.0 - ts.scalars.beta2
     _average(ts, "row_var", row_mean, weight)
     _average(ts, "col_var", col_mean, weight)
@@ -212,7 +244,7 @@ def update_square_sum(ts: TensorStep) -> Tensor:
     With ``momentum_kind='grad'`` the numerator is the moving average of the gradient instead of G.
     """
     plan, state = ts.plan, ts.state
-    g = ts.grad * ts.grad_scale
+    g = ts.grad * _to(ts.grad_scale, ts.grad.dtype)
     clamp = plan.eps1_mode == Eps1Mode.CLAMP
     eps1 = _eps1(ts)
     if ts.dims is not None:
@@ -258,20 +290,21 @@ def apply_update(ts: TensorStep, update_sq_sum: Tensor, noise: Tensor | None = N
     ``noise``: the stochastic-rounding draws of a bf16 parameter (:func:`rounding_noise`)."""
     plan, state = ts.plan, ts.state
     assert ts.update is not None
+    dtype = ts.update.dtype  # the math dtype
     ts.update_rms = (update_sq_sum / max(ts.numel, 1)).sqrt()
     # saturated where the math overflows (_saturate): without update clipping, U of elements far
     # from an outlier can exceed float32; every finite result is kept bit for bit
-    update = _saturate(ts.update, ts.update.dtype)
+    update = _saturate(ts.update, dtype)
     if plan.clip_threshold is not None:
-        update = update / (ts.update_rms / plan.clip_threshold).clamp(min=1.0)
+        update = update / _to((ts.update_rms / plan.clip_threshold).clamp(min=1.0), dtype)
     if plan.momentum == Momentum.NORMALIZED_UPDATE:  # big_vision: momentum of U_hat, before alpha
         exp_avg = _lerp_finite_(state["exp_avg"], update, 1.0 - _beta1(plan))
-        update = exp_avg.to(update.dtype)
-    alpha = _saturate_scalar(ts.alpha)  # RMS(x) of a saturated x overflows a float32 sum
-    update = _saturate(update * alpha, update.dtype)
+        update = exp_avg.to(dtype)
+    alpha = _saturate_scalar(_to(ts.alpha, dtype))
+    update = _saturate(update * alpha, dtype)
     if plan.momentum == Momentum.UPDATE:  # Tensor2Tensor / transformers / optax: of alpha U_hat
         exp_avg = _lerp_finite_(state["exp_avg"], update, 1.0 - _beta1(plan))
-        update = exp_avg.to(update.dtype)
+        update = exp_avg.to(dtype)
 
     x = ts.param.to(update.dtype)  # a copy for low-precision parameters
     wd = plan.weight_decay
@@ -327,11 +360,12 @@ def stochastic_round_to_bf16(x: Tensor, noise: Tensor) -> Tensor:
 
 
 def finish_statistics(ts: TensorStep, sums: GradSums, global_grad_scale: Tensor | None) -> None:
-    """Between passes 1 and 2: gradient clip factor, step size, factored moving averages."""
+    """Between passes 1 and 2: gradient clip factor, step size (both float64, from the float64
+    sums), factored moving averages."""
     if ts.plan.clipnorm is not None:
         ts.grad_scale = norm_clip_factor(sums.grad_sq, ts.plan.clipnorm)
     elif global_grad_scale is not None:
-        ts.grad_scale = global_grad_scale
+        ts.grad_scale = global_grad_scale.to(torch.float64)  # (squared in float64 as clipnorm's)
     ts.alpha = step_size(ts, sums.param_sq)
     if ts.dims is not None:
         update_factors(ts, sums)
@@ -353,6 +387,12 @@ def _square(value: float | Tensor) -> float | Tensor:
     return value * value
 
 
+def _to(value: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """A float64 scalar (0-d tensor) rounded to the math dtype where it meets a tensor (a 0-d
+    tensor of another dtype would promote a 0-d parameter's math to float64)."""
+    return value.to(dtype) if isinstance(value, Tensor) else value
+
+
 # ---------------------------------------------------------------------------------------------
 # saturation: finite gradients give finite parameters and state without update clipping
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +406,8 @@ def _saturate(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _saturate_scalar(value: float | Tensor) -> float | Tensor:
     """A non-negative scalar (alpha_t, alpha_t wd) at most its dtype's largest value: alpha_t is
-    inf once a float32 sum of x^2 overflows, and inf * 0 would be NaN."""
+    inf in float32 once x saturates (its float32 squares overflow, or RMS(x) rounds past the
+    largest value), and inf * 0 would be NaN."""
     if isinstance(value, Tensor):
         return value.clamp(max=torch.finfo(value.dtype).max)
     return value

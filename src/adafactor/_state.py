@@ -75,9 +75,16 @@ def complete_state(
         if key == "step":
             st[key] = torch.zeros((), dtype=dtype)
         elif key == "ema":  # tf_keras starts the average at the weights' current value
-            st[key] = p.detach().to(dtype=dtype, copy=True)
+            st[key] = _saturated(p.detach(), dtype).to(dtype=dtype, copy=True)
         elif distributed.has_dtensor([p]):  # shards laid out like p
             st[key] = distributed.new_state_buffer(p, shape, dtype)
         else:
             st[key] = torch.zeros(shape, dtype=dtype, device=p.device)
     return st
+
+
+def _saturated(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` clamped to ``dtype``'s finite range when that is narrower (as the EMA update does:
+    weights near float32's largest value would otherwise start a bf16 average at inf)."""
+    big = torch.finfo(dtype).max
+    return x.clamp(-big, big) if torch.finfo(x.dtype).max > big else x

@@ -187,13 +187,10 @@ def _state_lists(
     """The op's state lists: steps, row_vars, col_vars, variances, exp_avgs, emas, kahan_comps."""
     try:
         steps = [st["step"] for st in states]
-        row_vars, col_vars, variances = [], [], []
-        for d, st in zip(dims, states):
-            if d is None:
-                variances.append(st["variance"])
-            else:
-                row_vars.append(st["row_var"])
-                col_vars.append(st["col_var"])
+        variances = [st["variance"] for d, st in zip(dims, states) if d is None]
+        factored = [st for d, st in zip(dims, states) if d is not None]
+        row_vars = [st["row_var"] for st in factored]
+        col_vars = [st["col_var"] for st in factored]
         exp_avgs = [st["exp_avg"] for st in states] if plan.momentum != Momentum.NONE else []
         emas = [st["ema"] for st in states] if plan.use_ema else []
         kahan_comps: list[Tensor] = []
@@ -218,13 +215,14 @@ _DIMS: dict[tuple[Any, ...], dict[torch.Size, FactorDims | None]] = {}
 def _dims_list(params: list[Tensor], group: dict[str, Any]) -> list[FactorDims | None]:
     options = (group["factor_dims"], group["min_dim_size_to_factor"], group["factored"])
     by_shape = _DIMS.setdefault(options, {})
-    out = []
-    for p in params:
-        shape = p.shape
-        if shape not in by_shape:
-            by_shape[shape] = factor_dims(tuple(shape), *options)
-        out.append(by_shape[shape])
-    return out
+    shapes = [p.shape for p in params]
+    try:
+        return list(map(by_shape.__getitem__, shapes))
+    except KeyError:  # a shape seen for the first time
+        for shape in shapes:
+            if shape not in by_shape:
+                by_shape[shape] = factor_dims(tuple(shape), *options)
+        return list(map(by_shape.__getitem__, shapes))
 
 
 def _dims_of(p: Tensor, group: dict[str, Any]) -> FactorDims | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
@@ -409,18 +411,20 @@ class Adafactor(Optimizer):
         return loss
 
     def _grads_of(self, group: dict[str, Any], index: int) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads = [], []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"param_groups[{index}]['params'][{i}] has a sparse gradient; Adafactor needs "
-                    "dense gradients (use nn.Embedding(sparse=False), or densify with "
-                    "grad.to_dense())"
-                )
-            params.append(p)
-            grads.append(p.grad)
+        params = group["params"]
+        grads = [p.grad for p in params]  # (no appends: thousands of small tensors are common)
+        if any(map(operator.is_, grads, repeat(None))):
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if any(g.is_sparse for g in grads):
+            i = next(
+                i for i, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse
+            )
+            raise RuntimeError(
+                f"param_groups[{index}]['params'][{i}] has a sparse gradient; Adafactor needs "
+                "dense gradients (use nn.Embedding(sparse=False), or densify with "
+                "grad.to_dense())"
+            )
         return params, grads
 
     def _step_group(

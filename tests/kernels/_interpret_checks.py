@@ -25,6 +25,7 @@ from adafactor import Adafactor  # noqa: E402
 from adafactor.cli.bench import SHAPE_SETS  # noqa: E402
 from adafactor.functional import _dims_of, group_plan  # noqa: E402
 from adafactor.kernels import triton_module  # noqa: E402
+from adafactor.ops import OpArgs  # noqa: E402
 from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput  # noqa: E402
 from tests.test_impl_parity import _assert_matches  # noqa: E402
 
@@ -205,20 +206,32 @@ def determinism() -> list[str]:
     return [f"tensor {i} differs" for i, (a, b) in enumerate(zip(*runs)) if not torch.equal(a, b)]
 
 
-def _group_args(opt: Adafactor, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list:
+def _group_args(
+    opt: Adafactor, params: list[torch.Tensor], grads: list[torch.Tensor], lr: torch.Tensor,
+    found_inf: torch.Tensor, skipped: torch.Tensor,
+) -> tuple[OpArgs, Any]:  # fmt: skip
     group = opt.param_groups[0]
     sts = [opt._state_of(p, group) for p in params]
     dims = [_dims_of(p, group) for p in params]
     plan = group_plan(group, "triton", True)
-    return [
-        params, grads, [s["step"] for s in sts],
-        [s["row_var"] for s in sts if "row_var" in s],
-        [s["col_var"] for s in sts if "col_var" in s],
-        [s["variance"] for s in sts if "variance" in s],
-        [s["exp_avg"] for s in sts] if plan.momentum else [],
-        [s["ema"] for s in sts] if plan.use_ema else [],
-        [], [i for d in dims for i in (d if d is not None else (-1, -1))],
-    ], plan  # fmt: skip
+    op = OpArgs(
+        params=params,
+        grads=grads,
+        steps=[s["step"] for s in sts],
+        row_vars=[s["row_var"] for s in sts if "row_var" in s],
+        col_vars=[s["col_var"] for s in sts if "col_var" in s],
+        variances=[s["variance"] for s in sts if "variance" in s],
+        exp_avgs=[s["exp_avg"] for s in sts] if plan.momentum else [],
+        emas=[s["ema"] for s in sts] if plan.use_ema else [],
+        noise=[],
+        kahan_comps=[],
+        factor_dims=[i for d in dims for i in (d if d is not None else (-1, -1))],
+        lr=lr,
+        grad_scale=None,
+        found_inf=found_inf,
+        skipped_steps=skipped,
+    )
+    return op, plan
 
 
 @check
@@ -236,16 +249,15 @@ def capturable() -> list[str]:
         skipped = torch.zeros((), dtype=torch.int64)
         for _ in range(3):
             grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
-            args, plan = _group_args(opt, params, grads)
             lr = torch.tensor(1e-2, dtype=torch.float64)
-            tk.group_step(*args, lr, None, torch.tensor(False), skipped, plan, capturable=capt)
+            op, plan = _group_args(opt, params, grads, lr, torch.tensor(False), skipped)
+            tk.group_step(op, plan, capturable=capt)
         before = _snapshot_state(params, opt)
         bad = [g.clone() for g in grads]
         bad[0][5, 0] = math.nan
         if capt:
-            args, plan = _group_args(opt, params, bad)
-            found = torch.tensor(True)
-            a, r = tk.group_step(*args, lr, None, found, skipped, plan, capturable=True)
+            op, plan = _group_args(opt, params, bad, lr, torch.tensor(True), skipped)
+            a, r = tk.group_step(op, plan, capturable=True)
             after = _snapshot_state(params, opt)
             if not all(torch.equal(x, y) for x, y in zip(before, after)):
                 out.append("a skipped step changed the parameters or the state")
@@ -328,6 +340,93 @@ def no_clip() -> list[str]:
                         _assert_close_saturated(got, want, f"param {i} {key}")
             except Exception as e:
                 failures.append(f"{kwargs} {dtype}: {type(e).__name__}: {e}")
+    return failures
+
+
+OVERFLOW_SHAPES = [(32, 24), (3, 10, 12), (300,)]  # factored 2-D and 3-D, unfactored 1-D
+OVERFLOW_HUGE = [1e19, 1e25, 1e30, 3e38]
+OVERFLOW = [
+    ({}, (torch.float32, torch.bfloat16)),
+    ({"clip_threshold": None}, (torch.float32, torch.bfloat16)),
+    ({"beta1": 0.9}, (torch.float32, torch.bfloat16)),
+    ({"clip_threshold": None, "beta1": 0.9}, (torch.float32, torch.bfloat16)),
+    ({"beta1": 0.9, "momentum_kind": "grad"}, (torch.float32,)),
+    ({"preset": "torch"}, (torch.float32,)),  # eps1 'clamp'
+    ({"clipnorm": 1.0}, (torch.float32,)),
+]
+# the float64 statistics in more than one chunk of rows (1100 rows) or columns (1100), with
+# factored dims other than the last two (a strided column dim), at one outlier
+OVERFLOW_LAYOUTS = (
+    {"factor_dims": "largest2", "beta1": 0.9},
+    [(1100, 20), (20, 1100), (9, 2, 33, 3)],
+    1e25,
+)
+
+
+def _run_overflow(
+    kwargs: dict[str, Any], impl: str, dtype: torch.dtype, huge: float,
+    shapes: list[tuple[int, ...]] = OVERFLOW_SHAPES,
+) -> tuple[list[torch.Tensor], Adafactor]:  # fmt: skip
+    params = _params(shapes, dtype)
+    opt = Adafactor(params, impl=impl, **kwargs)
+    grads = torch.Generator().manual_seed(2)
+    for step in range(3):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=grads) * 1e-2).to(dtype)
+            if step == 1:
+                p.grad.view(-1)[p.numel() // 3] = huge
+        opt.step()
+    return params, opt
+
+
+@check
+def overflow() -> list[str]:
+    """A finite gradient element whose square overflows float32 (1e19 .. 3e38; 1e19: its
+    square fits, but U^2 beside it does not): finite weights and state, and (up to 1e30) the
+    reference's float64 path within 1e-5 of each tensor's scale (float32; 2^-8, a bf16
+    rounding, for bf16 tensors), as tests/test_foreach.py asks of foreach, and elementwise as
+    the no_clip check. Near float32's largest value U itself exceeds float32 on that step (as
+    in foreach, docs/algorithm.md), so there only finiteness. Every tensor in the Triton part."""
+    from tests.test_numerics import _assert_close_saturated
+
+    failures = []
+    cases = [
+        (kwargs, dtype, huge, OVERFLOW_SHAPES)
+        for kwargs, dtypes in OVERFLOW
+        for dtype in dtypes
+        for huge in OVERFLOW_HUGE
+    ]
+    cases.append((OVERFLOW_LAYOUTS[0], torch.float32, OVERFLOW_LAYOUTS[2], OVERFLOW_LAYOUTS[1]))
+    for kwargs, dtype, huge, shapes in cases:
+        try:
+            ref_params, ref_opt = _run_overflow(kwargs, "reference", dtype, huge, shapes)
+            PARTS.clear()
+            params, opt = _run_overflow(kwargs, "triton", dtype, huge, shapes)
+            assert PARTS == [[0, 1, 2]] * 3, f"Triton parts {PARTS}"
+            bad = []
+            for pr, pf in zip(ref_params, params):
+                pairs = [("param", pf.detach(), pr.detach())]
+                pairs += [(k, opt.state[pf][k], v) for k, v in ref_opt.state[pr].items()
+                          if isinstance(v, torch.Tensor) and k != "step"]  # fmt: skip
+                for key, got, want in pairs:
+                    where = f"{tuple(pr.shape)} {key}"
+                    if not bool(got.isfinite().all()):
+                        bad.append(f"{where} not finite")
+                        continue
+                    if huge > 1e30:
+                        continue
+                    rtol = 2.0**-8 if want.dtype == torch.bfloat16 else 1e-5
+                    scale = want.double().abs().max().item()
+                    worst = (got.double() - want.double()).abs().max().item()
+                    if not worst <= rtol * scale:
+                        bad.append(f"{where} off by {worst:.3g} (scale {scale:.3g})")
+                    try:  # and elementwise, beside saturated elements (a tensor's scale)
+                        _assert_close_saturated(got, want, where)
+                    except AssertionError as e:
+                        bad.append(str(e))
+            assert not bad, "; ".join(bad)
+        except Exception as e:
+            failures.append(f"{kwargs} {dtype} {huge:g}: {type(e).__name__}: {e}")
     return failures
 
 

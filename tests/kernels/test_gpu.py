@@ -276,11 +276,21 @@ def _capturable_group(
 
 
 def _step_fns() -> list[tuple[str, Callable[..., Any]]]:
-    fns: list[tuple[str, Callable[..., Any]]] = [("foreach", _foreach.group_step)]
+    from adafactor.ops import OpArgs
+
+    def foreach(*args: Any, **kwargs: Any) -> Any:  # the op's arguments but kahan_comps
+        return _foreach.group_step(OpArgs(*args[:9], [], *args[9:14]), *args[14:], **kwargs)
+
+    fns: list[tuple[str, Callable[..., Any]]] = [("foreach", foreach)]
     if HAS_TRITON:
         from adafactor.kernels import triton_module
 
-        fns.append(("triton", triton_module().group_step))
+        tk = triton_module()
+
+        def triton(*args: Any, **kwargs: Any) -> Any:  # the same arguments as foreach above
+            return tk.group_step(OpArgs(*args[:9], [], *args[9:14]), *args[14:], **kwargs)
+
+        fns.append(("triton", triton))
     return fns
 
 

@@ -32,6 +32,7 @@ _INT64 = {"tiles", "sprogs", "meta", "fprogs", "chunks"}
 _INT32 = {"skip_ptr"}
 _FLOATS = {"sign", "clipv", "eps1", "eps1sq", "w1", "wd", "ema_m", "ema_1m", "clipnorm", "eps2"}
 _FLOATS |= {"clip_d"}
+_F64 = {"usum", "rmean_part", "wide_r", "wide_c"}  # float64 buffers
 
 
 def _combos() -> list[dict[str, Any]]:
@@ -40,35 +41,36 @@ def _combos() -> list[dict[str, Any]]:
     from adafactor.kernels import adafactor_triton as k
 
     common = {"RB": k.REDUCE_BLOCK, "FB": k.FACTOR_BLOCK, "BLOCK": k.BLOCK_1D}
+    common |= {"WR": k.WIDE_TILE[0], "WC": k.WIDE_TILE[1]}
     return [
         {  # float32, 'grad' momentum, clipnorm, clipvalue, weight decay 'lr', the default tile
             **common, "G_DT": tl.float32, "P_DT": tl.float32, "M_DT": tl.float32,
             "E_DT": tl.float32, "HAS_CLIPV": True, "WANT_X": True, "WANT_G": True, "TR": 16,
             "TC": 128, "CONTIG_C": True, "HAS_GSCALE": False, "CLIPNORM": True,
-            "SCALE_PARAM": True, "ADD_EPS1": True, "MOM": 1, "CLAMP": False, "CLIP": True,
-            "HAS_WD": True, "WD_MODE": 0, "SR": False, "EMA": False,
+            "WANT_WIDE": True, "SCALE_PARAM": True, "ADD_EPS1": True, "MOM": 1,
+            "CLAMP": False, "CLIP": True, "HAS_WD": True, "WD_MODE": 0, "SR": False, "EMA": False,
         },
         {  # bf16 weights, momentum and EMA, normalized_update, eps1 clamp, stochastic rounding,
             # global_clipnorm, 'lr_before', a strided column dim
             **common, "G_DT": tl.bfloat16, "P_DT": tl.bfloat16, "M_DT": tl.bfloat16,
             "E_DT": tl.bfloat16, "HAS_CLIPV": False, "WANT_X": True, "WANT_G": False, "TR": 128,
             "TC": 16, "CONTIG_C": False, "HAS_GSCALE": True, "CLIPNORM": False,
-            "SCALE_PARAM": True, "ADD_EPS1": False, "MOM": 2, "CLAMP": True, "CLIP": True,
-            "HAS_WD": True, "WD_MODE": 1, "SR": True, "EMA": True,
+            "WANT_WIDE": True, "SCALE_PARAM": True, "ADD_EPS1": False, "MOM": 2,
+            "CLAMP": True, "CLIP": True, "HAS_WD": True, "WD_MODE": 1, "SR": True, "EMA": True,
         },
         {  # float16 gradients, 'update' momentum, 'alpha' decay, a single column
             **common, "G_DT": tl.float16, "P_DT": tl.float32, "M_DT": tl.float32,
             "E_DT": tl.float32, "HAS_CLIPV": True, "WANT_X": False, "WANT_G": True,
             "TR": k.BLOCK_1D, "TC": 1, "CONTIG_C": True, "HAS_GSCALE": False, "CLIPNORM": False,
-            "SCALE_PARAM": False, "ADD_EPS1": True, "MOM": 3, "CLAMP": False, "CLIP": False,
-            "HAS_WD": True, "WD_MODE": 2, "SR": False, "EMA": True,
+            "WANT_WIDE": False, "SCALE_PARAM": False, "ADD_EPS1": True, "MOM": 3,
+            "CLAMP": False, "CLIP": False, "HAS_WD": True, "WD_MODE": 2, "SR": False, "EMA": True,
         },
         {  # no momentum, 'unscaled' decay, a single row
             **common, "G_DT": tl.float32, "P_DT": tl.float32, "M_DT": tl.float32,
             "E_DT": tl.float32, "HAS_CLIPV": False, "WANT_X": True, "WANT_G": False, "TR": 1,
             "TC": k.BLOCK_1D, "CONTIG_C": True, "HAS_GSCALE": False, "CLIPNORM": False,
-            "SCALE_PARAM": True, "ADD_EPS1": True, "MOM": 0, "CLAMP": False, "CLIP": True,
-            "HAS_WD": True, "WD_MODE": 3, "SR": False, "EMA": False,
+            "WANT_WIDE": True, "SCALE_PARAM": True, "ADD_EPS1": True, "MOM": 0,
+            "CLAMP": False, "CLIP": True, "HAS_WD": True, "WD_MODE": 3, "SR": False, "EMA": False,
         },
     ]  # fmt: skip
 
@@ -84,6 +86,8 @@ def _signature(fn: Any, consts: dict[str, Any]) -> dict[str, str]:
             sig[name] = "*i32"
         elif name in _FLOATS:
             sig[name] = "fp32"
+        elif name in _F64:
+            sig[name] = "*fp64"
         else:
             sig[name] = "*fp32"
     return sig

@@ -5,7 +5,9 @@ The interpreter must be selected before triton is imported, so the checks
 cover every sample of ``tests/optim_inputs.OPTIM_INPUTS`` through ``Adafactor.step(impl="triton")``
 against the reference on block-boundary shapes ((1,), (4097,), (1, 4097), (4097, 1), (5, 31, 37)),
 factor layouts other than the last two dims, a GPT-2-small-shaped step (148 tensors) in at most a
-dozen launches, bitwise run-to-run determinism, and capturable mode with a masked skip.
+dozen launches, bitwise run-to-run determinism, capturable mode with a masked skip, saturation
+without update clipping (``no_clip``), and gradients whose squares overflow float32 (``overflow``:
+1e19 to 3e38 on factored and unfactored tensors, the overflow path decided on the device).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def report() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "name", ["table", "layouts", "launches", "determinism", "capturable", "lr_zero", "no_clip"]
+    "name",
+    ["table", "layouts", "launches", "determinism", "capturable", "lr_zero", "no_clip", "overflow"],
 )
 def test_interpreted_kernels(report: dict[str, Any], name: str) -> None:
     failures = report[name]["failures"]

@@ -76,6 +76,11 @@ def _many_small() -> list[tuple[int, ...]]:
     return shapes
 
 
+def _many_tiny() -> list[tuple[int, ...]]:
+    # 2000 tensors of 16 elements: the per-tensor cost of the step alone (Python, dispatch)
+    return [(16,)] * 2000
+
+
 def _llama_1b() -> list[tuple[int, ...]]:
     # LLaMA-3.2-1B-like: 16 layers, d=2048, ffn 8192, GQA 8 kv heads of 64, vocab 128256, tied
     d, ffn, kv = 2048, 8192, 512
@@ -85,7 +90,12 @@ def _llama_1b() -> list[tuple[int, ...]]:
     return [*shapes, (d,)]
 
 
-SHAPE_SETS = {"gpt2-small": _gpt2_small, "many-small": _many_small, "llama-1b": _llama_1b}
+SHAPE_SETS = {
+    "gpt2-small": _gpt2_small,
+    "many-small": _many_small,
+    "many-tiny": _many_tiny,
+    "llama-1b": _llama_1b,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(SHAPE_SETS),
         default="gpt2-small",
         help="parameter shapes to step: gpt2-small (124M parameters in 148 tensors), "
-        "many-small (2000 tensors, 23M parameters: per-tensor overhead) or llama-1b "
+        "many-small (2000 tensors, 23M parameters: per-tensor overhead), many-tiny (2000 "
+        "tensors of 16 elements: the per-tensor cost alone) or llama-1b "
         "(1.2B parameters: tens of GB of memory, checked before it starts) (default gpt2-small)",
     )
     parser.add_argument(

@@ -366,7 +366,8 @@ AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restr
     const float sign = a->sign, clipv = a->clipv;
     for (i64 s = lo; s < hi; s++) {
         const i64 off = s * L;
-        /* float32 within a row (as the reference's own sums), float64 across rows */
+        /* float32 within a row (SIMD adds; it overflows where the reference's float64 row sum
+         * exceeds float32, so both take the float64 path), float64 across rows */
         float acc = 0.0f, accx = 0.0f;
 #ifdef AF_AVX512
         if (1) {
@@ -514,6 +515,8 @@ EXPORT void af_finish(Args *a) {
     if (a->scale_param) {
         double rms = sqrt(a->out[1] / (double)(a->numel_total > 1 ? a->numel_total : 1));
         if (a->wd_mode == WD_LR_BEFORE && a->wd != 0) rms *= fabs(1 - a->lr * a->wd);
+        /* saturated, as the reference: inf once x^2 overflows float32 (inf * rho: NaN at lr 0) */
+        if (rms > F32_MAX) rms = F32_MAX;
         alpha = pymax(rms, a->eps2) * a->rho;
     }
     a->scale = (float)scale;

@@ -35,7 +35,9 @@ _LAZY = (
 def has_dtensor(tensors: Iterable[Any]) -> bool:
     """Whether any of ``tensors`` is a DTensor, without importing torch.distributed.tensor."""
     module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and any(isinstance(t, module.DTensor) for t in tensors)
+    return module is not None and any(
+        issubclass(k, module.DTensor) for k in set(map(type, tensors))
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -221,7 +221,10 @@ class _MeshReduction(Reduction):
 
 def grad_square_sum(grads: Sequence[Tensor]) -> Tensor:
     """Sum of g^2 over every element of every (sharded or plain) gradient: one round."""
-    return _sum_over_shards(grads, lambda g: g.float().square().sum())
+    # float64 accumulation, as unsharded: finite gradients never overflow the norm
+    return _sum_over_shards(
+        grads, lambda g: torch.linalg.vector_norm(g, dtype=torch.float64).square()
+    )
 
 
 def found_inf(tensors: Sequence[Tensor]) -> Tensor:

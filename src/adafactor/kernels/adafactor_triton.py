@@ -10,12 +10,12 @@ maps each program to a (tensor, tile) pair. Per bucket:
 .. code-block:: text
 
     stats    strips of row blocks: row sums of g^2 (a partial per column block), column sums
-             (a partial per strip), sums of g^2 and x^2 (a partial per program)
-    reduce1  per tensor: the partials in a fixed order -> clip factor, alpha_t
+             (a partial per strip), sums of g^2 and x^2 and max |g| (a partial per program)
+    reduce1  per tensor: the partials in a fixed order -> overflow test, clip factor, alpha_t
     factors  per (tensor, slice, chunk): R, C <- lerp(R, C, mean g^2 + eps1, 1 - beta2_t);
              partial sums of the new R for mean(R)                      (factored buckets only)
     pass2    tiles: U = numerator / sqrt(V_hat) (V and the 'grad' momentum updated); sum U^2
-    reduce2  per tensor: RMS(U), the update-clipping divisor
+    reduce2  per tensor: RMS(U) (partials added in float64), the update-clipping divisor
     apply    tiles: U again, clipping, momentum, weight decay, the write (stochastic rounding),
              the EMA of the weights
 
@@ -50,10 +50,26 @@ global_clipnorm, eps1 'add'/'clamp', every momentum kind and weight-decay form, 
 clipvalue, stochastic rounding with the given draws, the EMA with overwrites) and every factor
 layout. Not supported (the reference runs them): float16/float64 parameters, non-float32
 statistics, non-contiguous tensors, empty tensors. U, the momentum and the weights saturate at
-their dtype's largest value as in the reference (finite without update clipping), but there is
-no float64 path: a gradient whose squares overflow float32 (|g| above about 1.8e19, or row sums
-beyond 3.4e38) still turns its tensor NaN, and :func:`supports` cannot route such a step
-elsewhere without reading the gradient on the host (the foreach path decides on the device).
+their dtype's largest value as in the reference (finite without update clipping).
+
+**Overflowing gradients** (a finite g whose squares overflow float32: |g| above about 1.8e19,
+or sums beyond 3.4e38) take the reference's float64 path, decided per tensor on the device (no
+host read, no extra launch): the statistics kernel also keeps max |g|, and ``reduce1`` flags a
+factored tensor whose float32 sum of g^2 overflowed (or came within 2^-8 of it) while max |g| is
+finite. For a flagged tensor the factors kernel reads g again (one program per chunk of rows or
+columns) and averages R and C in float64, stored saturated, this step's unrounded values kept in
+float64 buffers; pass 2 and the apply pass take U's per-row and per-column factors from those
+(U in float32, as foreach), and pass 2 sums its U^2 in float64; ``clipnorm`` takes ||g|| from a
+float64 sum (one program reads g). Unfactored tensors need no flag: an element with |g| >= 2^63
+is scaled by 2^-64 (exact) for its V and U, V stored saturated by the apply pass (pass 2 leaves
+those elements, so both passes compute V from the same old V). Ordinary gradients take the
+float32 code as before; what the fast path gains: max |g| in the statistics kernel, a flag load
+and branch per program, a few exact multiplications by 1 per unfactored element, and float64
+additions of the few per-program partials of mean(R) and of RMS(U) (as the reference's float64
+sums: a float32 sum of U^2 beside an outlier overflows where the reference's does not; a
+program whose float32 sum of U^2 overflows adds its squares again in float64). The overflow
+step itself is slow (a few programs re-read the tensor), and near float32's largest value U
+exceeds float32 on that step, as in foreach (finite, but not the reference's float64 U).
 
 Status: checked against the reference on CPU under the interpreter only; not yet run on a GPU.
 """
@@ -64,7 +80,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
@@ -73,6 +89,9 @@ from torch import Tensor
 
 from .._plan import Eps1Mode, GroupPlan, Momentum, WeightDecay, step_scalars
 from ..factoring import FactorDims
+
+if TYPE_CHECKING:  # (adafactor.ops imports this module lazily, through triton_module())
+    from ..ops import OpArgs
 
 __all__ = ["KERNELS", "group_step", "run_part", "supports"]
 
@@ -113,7 +132,9 @@ M_LOOP: tl.constexpr = tl.constexpr(24)  # row blocks per program of _stats_2d (
 M_NSTRIP: tl.constexpr = tl.constexpr(25)  # strips along R: the column-sum partials per column
 M_SPROG0: tl.constexpr = tl.constexpr(26)  # first program of the tensor in the stats grid
 M_NSPROG: tl.constexpr = tl.constexpr(27)
-NM: tl.constexpr = tl.constexpr(28)
+M_WROW: tl.constexpr = tl.constexpr(28)  # offset of the float64 R of the overflow path
+M_WCOL: tl.constexpr = tl.constexpr(29)  # offset of the float64 C of the overflow path
+NM: tl.constexpr = tl.constexpr(30)
 _OUT_COL = 21 - 7  # M_OUT among the size and offset columns (from M_NUMEL on)
 MAX_STRIPS = 64  # column-sum partials per column at most: _factors adds them in one program
 # Columns of the per-tensor float32 table of per-step scalars.
@@ -130,7 +151,13 @@ S_GSCALE: tl.constexpr = tl.constexpr(0)  # gradient scale: clipnorm / global_cl
 S_ALPHA: tl.constexpr = tl.constexpr(1)
 S_DIV: tl.constexpr = tl.constexpr(2)  # max(1, RMS(U) / d)
 S_RMS: tl.constexpr = tl.constexpr(3)
-NS: tl.constexpr = tl.constexpr(4)
+S_WIDE: tl.constexpr = tl.constexpr(4)  # 1: the overflow path (float64 statistics), else 0
+NS: tl.constexpr = tl.constexpr(5)
+# Per stats program: sum of g^2, sum of x^2, max |g|.
+T_G: tl.constexpr = tl.constexpr(0)
+T_X: tl.constexpr = tl.constexpr(1)
+T_AMAX: tl.constexpr = tl.constexpr(2)
+TS: tl.constexpr = tl.constexpr(3)
 
 BLOCK_1D = 2048  # elements per program of an unfactored tensor
 # (rows, cols) of a program's tile, by the shape of the factored dims
@@ -142,6 +169,7 @@ TILES = {
     "row": (1, BLOCK_1D),  # R == 1
 }
 FACTOR_BLOCK = 1024  # statistics per program of the factors kernel
+WIDE_TILE = (16, 128)  # the factors kernel's tile when it re-reads g (the overflow path)
 REDUCE_BLOCK = 512  # partials added per iteration of the reduce kernels
 
 
@@ -184,6 +212,14 @@ def _cast(x, dtype: tl.constexpr):
 # state without update clipping; results that round to a finite value keep their bits.
 F32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 BF16_MAX: tl.constexpr = tl.constexpr(3.3895313892515355e38)  # larger float32 rounds to inf
+# The overflow path: a factored tensor whose float32 sum of g^2 overflows, or comes within
+# 2^-8 of F32_MAX (a row or column sum, added in another order, could overflow where the total
+# did not), takes float64 statistics, as the reference does when its sums overflow; an
+# unfactored element with |g| >= 2^63 (g^2 >= 2^126) is scaled by 2^-64 (exact) for V and U.
+WIDE_AT: tl.constexpr = tl.constexpr(3.3895313892515355e38)  # 2^128 (1 - 2^-8)
+HUGE_G: tl.constexpr = tl.constexpr(9.223372036854775808e18)  # 2^63
+SIG: tl.constexpr = tl.constexpr(5.421010862427522e-20)  # 2^-64
+UNSIG: tl.constexpr = tl.constexpr(1.8446744073709552e19)  # 2^64
 
 
 @triton.jit
@@ -297,13 +333,14 @@ def _chunk(chunks, meta, pid, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_mean(rmean_part, row, o, R):
-    """mean(R) of slice o: its chunk partials, added in order."""
+    """mean(R) of slice o in float64 (as the reference: a float32 sum of saturated rows
+    overflows): its chunk partials, added in order."""
     off = tl.load(row + M_RMEAN)
     nrc = tl.load(row + M_NRC)
     acc = tl.load(rmean_part + off + o * nrc)
     for k in range(1, nrc):
         acc += tl.load(rmean_part + off + o * nrc + k)
-    return tl.div_rn(acc, R.to(tl.float32))
+    return acc / R.to(tl.float64)
 
 
 @triton.jit
@@ -315,7 +352,7 @@ def _sum_partials(
     programs: table columns FIRST and COUNT), in a fixed order."""
     p0 = tl.load(row + FIRST)
     n = tl.load(row + COUNT)
-    acc = tl.zeros([RB], dtype=tl.float32)
+    acc = tl.zeros([RB], dtype=part.dtype.element_ty)
     for k0 in range(0, n, RB):
         k = k0 + tl.arange(0, RB)
         acc += tl.load(part + (p0 + k) * stride + col, mask=k < n, other=0.0)
@@ -323,21 +360,64 @@ def _sum_partials(
 
 
 @triton.jit
-def _factored_u(
-    row, num, ridx, cidx, rmask, cmask, mean, eps1, eps1sq, S_DT: tl.constexpr,
-    CLAMP: tl.constexpr,
+def _max_partials(
+    part, row, col: tl.constexpr, stride: tl.constexpr, FIRST: tl.constexpr, COUNT: tl.constexpr,
+    RB: tl.constexpr,
 ):  # fmt: skip
-    """U = numerator / sqrt(V_hat), V_hat = R C / mean(R), for a tile."""
-    r = tl.load(_ptr(row, M_S1, S_DT) + ridx, mask=rmask, other=1.0).to(tl.float32)
-    c = tl.load(_ptr(row, M_S2, S_DT) + cidx, mask=cmask, other=1.0).to(tl.float32)
-    if CLAMP:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
-        v = tl.div_rn(r[:, None] * c[None, :], _max_nan(mean, eps1))
-        return num * _rsqrt(_max_nan(v, eps1sq))
-    else:  # the reference's per-row times per-column factor: sqrt(mean(R)) / sqrt(R) (R / mean(R)
-        # underflows to 0 beside a saturated row)
-        inv_r = tl.div_rn(tl.sqrt_rn(mean), tl.sqrt_rn(r))
-        inv_c = _rsqrt(c)
-        return num * inv_r[:, None] * inv_c[None, :]
+    """The largest of a tensor's per-program partials (non-negative), as _sum_partials."""
+    p0 = tl.load(row + FIRST)
+    n = tl.load(row + COUNT)
+    acc = tl.zeros([RB], dtype=tl.float32)
+    for k0 in range(0, n, RB):
+        k = k0 + tl.arange(0, RB)
+        acc = tl.maximum(acc, tl.load(part + (p0 + k) * stride + col, mask=k < n, other=0.0))
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _grad_sq64(row, sign, clipv, G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
+    """The sum of g^2 of a whole tensor in float64, by one program (the overflow path only)."""
+    n = tl.load(row + M_NUMEL)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for k0 in range(0, n, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK).to(tl.int64)
+        g = _grad(row, offs, offs < n, sign, clipv, G_DT, HAS_CLIPV).to(tl.float64)
+        acc += g * g
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _factored_u(
+    row, num, ridx, cidx, rmask, cmask, mean64, wide, wr, wc, eps1, eps1sq, CLAMP: tl.constexpr,
+):  # fmt: skip
+    """U = numerator / sqrt(V_hat), V_hat = R C / mean(R), for a tile. On the overflow path
+    (``wide``) from this step's float64 R and C (``wr``, ``wc``; the state holds them saturated),
+    as foreach: float32 factors from the float64 ones, U in float32."""
+    if wide:
+        r64 = tl.load(wr + ridx, mask=rmask, other=1.0)
+        c64 = tl.load(wc + cidx, mask=cmask, other=1.0)
+        e64 = tl.cast(eps1, tl.float64)
+        if CLAMP:
+            v64 = r64[:, None] * c64[None, :] / _max_nan(mean64, e64)
+            u = num * (1.0 / tl.sqrt(_max_nan(v64, e64 * e64))).to(tl.float32)
+        else:
+            inv_r = _min_nan(tl.sqrt(mean64) / tl.sqrt(r64), F32_MAX).to(tl.float32)
+            inv_c = (1.0 / tl.sqrt(c64)).to(tl.float32)
+            u = num * inv_r[:, None] * inv_c[None, :]
+    else:
+        mean = mean64.to(tl.float32)
+        r = tl.load(_ptr(row, M_S1, tl.float32) + ridx, mask=rmask, other=1.0)
+        c = tl.load(_ptr(row, M_S2, tl.float32) + cidx, mask=cmask, other=1.0)
+        if CLAMP:  # torch.optim.Adafactor: eps1 floors mean(R), eps1^2 floors V_hat
+            v = tl.div_rn(r[:, None] * c[None, :], _max_nan(mean, eps1))
+            u = num * _rsqrt(_max_nan(v, eps1sq))
+        else:  # the reference's per-row times per-column factor: sqrt(mean(R)) / sqrt(R) (R /
+            # mean(R) underflows to 0 beside a saturated row)
+            inv_r = tl.div_rn(tl.sqrt_rn(mean), tl.sqrt_rn(r))
+            inv_c = _rsqrt(c)
+            u = num * inv_r[:, None] * inv_c[None, :]
+    return u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,9 +430,9 @@ def _stats_2d(
     TR: tl.constexpr, TC: tl.constexpr, CONTIG_C: tl.constexpr,
 ):  # fmt: skip
     """A strip of M_LOOP row blocks of one column block: the row sums of g^2 of each row
-    (partials, one per column block), the strip's column sums (partials, one per strip), and its
-    sums of g^2 and x^2. Strips keep the column partials of tall tensors few (_factors adds them
-    in one program)."""
+    (partials, one per column block), the strip's column sums (partials, one per strip), its
+    sums of g^2 and x^2 and its max |g| (for the overflow test). Strips keep the column
+    partials of tall tensors few (_factors adds them in one program)."""
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(sprogs + 2 * pid)
     j = tl.load(sprogs + 2 * pid + 1)
@@ -383,6 +463,7 @@ def _stats_2d(
     col_acc = tl.zeros([TC], dtype=tl.float32)
     g_acc = tl.zeros([TR], dtype=tl.float32)
     x_acc = tl.zeros([TR], dtype=tl.float32)
+    a_acc = tl.zeros([TR], dtype=tl.float32)
     for k in range(0, loop):
         rows = (strip * loop + k) * TR + tl.arange(0, TR).to(tl.int64)
         rmask = rows < R
@@ -394,14 +475,16 @@ def _stats_2d(
         tl.store(rp + (a * R + rows) * (B * D) + b * D + d, row_sum, mask=rmask)
         col_acc += tl.sum(sq, axis=0)
         g_acc += row_sum
+        a_acc = tl.maximum(a_acc, tl.max(tl.abs(g), axis=1))
         if WANT_X:
             x = tl.load(_ptr(row, M_P, P_DT) + offs, mask=mask, other=0.0).to(tl.float32)
             x_acc += tl.sum(x * x, axis=1)
     cp = col_part + tl.load(row + M_COLPART) + strip * tl.load(row + M_NCOLS)
     tl.store(cp + ((a * B + b) * C + cols) * D + d, col_acc, mask=cmask)
-    tl.store(tsum + 2 * pid, tl.sum(g_acc, axis=0))
+    tl.store(tsum + TS * pid + T_G, tl.sum(g_acc, axis=0))
+    tl.store(tsum + TS * pid + T_AMAX, tl.max(a_acc, axis=0))
     if WANT_X:
-        tl.store(tsum + 2 * pid + 1, tl.sum(x_acc, axis=0))
+        tl.store(tsum + TS * pid + T_X, tl.sum(x_acc, axis=0))
 
 
 @triton.jit
@@ -410,51 +493,74 @@ def _stats_1d(
     G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, WANT_X: tl.constexpr,
     WANT_G: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Sums of g^2 and x^2 of a chunk of an unfactored tensor."""
+    """Sums of g^2 and x^2 and max |g| of a chunk of an unfactored tensor."""
     pid = tl.program_id(0).to(tl.int64)
     _slot, row, offs, mask = _chunk(chunks, meta, pid, BLOCK)
     if WANT_G:
         g = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV)
-        tl.store(tsum + 2 * pid, tl.sum(g * g, axis=0))
+        tl.store(tsum + TS * pid + T_G, tl.sum(g * g, axis=0))
+        tl.store(tsum + TS * pid + T_AMAX, tl.max(tl.abs(g), axis=0))
     if WANT_X:
         x = tl.load(_ptr(row, M_P, P_DT) + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(tsum + 2 * pid + 1, tl.sum(x * x, axis=0))
+        tl.store(tsum + TS * pid + T_X, tl.sum(x * x, axis=0))
 
 
 @triton.jit
 def _reduce1(
-    meta, hyp, scal, tsum, gscale_ptr, skip_ptr, alpha_out, clipnorm, eps2,
-    HAS_GSCALE: tl.constexpr, CLIPNORM: tl.constexpr, SCALE_PARAM: tl.constexpr,
-    RB: tl.constexpr,
+    meta, hyp, scal, tsum, gscale_ptr, skip_ptr, alpha_out, clipnorm, eps2, sign, clipv,
+    G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, HAS_GSCALE: tl.constexpr,
+    CLIPNORM: tl.constexpr, SCALE_PARAM: tl.constexpr, WANT_WIDE: tl.constexpr,
+    RB: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Per tensor: the gradient scale and alpha_t = max(eps2, RMS(x)) rho_t (or rho_t)."""
+    """Per tensor: the overflow test, the gradient scale and alpha_t = max(eps2, RMS(x)) rho_t
+    (or rho_t).
+
+    The overflow path (the reference's float64 path, decided on the device): a finite gradient
+    whose float32 sum of g^2 reaches WIDE_AT, so that its row or column sums could overflow (a
+    NaN or infinite gradient stays on the float32 path, as in the reference). Then
+    ``clipnorm`` takes ||g|| from a float64 sum (one program reads the gradient again) and the
+    factors kernel computes R and C in float64."""
     slot = tl.program_id(0).to(tl.int64)
     row = meta + slot * NM
     h = hyp + slot * NH
     gscale = 1.0
+    wide = False
+    wide_f = 0.0
+    if WANT_WIDE:  # factored, or clipnorm
+        gsq = _sum_partials(tsum, row, T_G, TS, M_SPROG0, M_NSPROG, RB)
+        amax = _max_partials(tsum, row, T_AMAX, TS, M_SPROG0, M_NSPROG, RB)
+        wide = (gsq >= WIDE_AT) & (amax <= F32_MAX)
+        wide_f = tl.where(wide, 1.0, 0.0)
     if CLIPNORM:  # Keras' clip_by_norm: clipnorm / max(||g||, clipnorm)
-        gsq = _sum_partials(tsum, row, 0, 2, M_SPROG0, M_NSPROG, RB)
-        gscale = tl.div_rn(clipnorm, _max_nan(tl.sqrt_rn(gsq), clipnorm))
+        if wide:
+            norm = tl.sqrt(_grad_sq64(row, sign, clipv, G_DT, HAS_CLIPV, BLOCK))
+            gscale = (clipnorm / _max_nan(norm, tl.cast(clipnorm, tl.float64))).to(tl.float32)
+        else:
+            gscale = tl.div_rn(clipnorm, _max_nan(tl.sqrt_rn(gsq), clipnorm))
     elif HAS_GSCALE:
         gscale = tl.load(gscale_ptr).to(tl.float32)
     alpha = tl.load(h + H_RHO)
     if SCALE_PARAM:
-        xsq = _sum_partials(tsum, row, 1, 2, M_SPROG0, M_NSPROG, RB)
+        xsq = _sum_partials(tsum, row, T_X, TS, M_SPROG0, M_NSPROG, RB)
         x_rms = tl.sqrt_rn(tl.div_rn(xsq, tl.load(row + M_NUMEL).to(tl.float32)))
-        alpha = _max_nan(x_rms * tl.load(h + H_WDB), eps2) * alpha
+        # RMS(x) saturated, as the reference (inf once x^2 overflows: inf * rho is NaN at lr 0)
+        alpha = _max_nan(_min_nan(x_rms * tl.load(h + H_WDB), F32_MAX), eps2) * alpha
     tl.store(scal + slot * NS + S_GSCALE, gscale)
     tl.store(scal + slot * NS + S_ALPHA, alpha)
+    tl.store(scal + slot * NS + S_WIDE, wide_f)
     keep = _keep(skip_ptr)
     tl.store(alpha_out + tl.load(row + M_OUT), tl.where(keep, alpha, 0.0))
 
 
 @triton.jit
 def _factors(
-    fprogs, meta, hyp, scal, row_part, col_part, rmean_part, skip_ptr, eps1,
-    ADD_EPS1: tl.constexpr, FB: tl.constexpr,
+    fprogs, meta, hyp, scal, row_part, col_part, rmean_part, wide_r, wide_c, skip_ptr, eps1,
+    sign, clipv, G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, ADD_EPS1: tl.constexpr,
+    FB: tl.constexpr, WR: tl.constexpr, WC: tl.constexpr,
 ):  # fmt: skip
     """R (or C) of a chunk of slice o: the partial sums in order, * scale^2 / n (+ eps1), lerped
-    into the state; for R also the chunk's sum of the new R (for mean(R))."""
+    into the state; for R also the chunk's sum of the new R (float64, for mean(R)). On the
+    overflow path (:func:`_wide_factors`) from float64 sums of g^2 instead."""
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(fprogs + 4 * pid)
     o = tl.load(fprogs + 4 * pid + 1)
@@ -469,38 +575,108 @@ def _factors(
     a = o // D // B
     b = o // D % B
     gscale = tl.load(scal + slot * NS + S_GSCALE)
-    sq = gscale * gscale
     w2 = tl.load(hyp + slot * NH + H_W2)
     keep = _keep(skip_ptr)
-    k = chunk * FB + tl.arange(0, FB).to(tl.int64)
-    if kind == 0:
-        m = k < R
-        idx = (a * R + k) * (B * D) + b * D + d
-        base = row_part + tl.load(row + M_ROWPART)
-        stride = tl.load(row + M_NROWS)
-        nblocks = tl.load(row + M_NCB)
-        n = C
-        st_ptr = _ptr(row, M_S1, tl.float32)
+    if tl.load(scal + slot * NS + S_WIDE) != 0:
+        part = _wide_factors(
+            row, kind, chunk, a, b, d, R, B, C, D, gscale, w2, eps1, keep, wide_r, wide_c,
+            sign, clipv, G_DT, HAS_CLIPV, ADD_EPS1, FB, WR, WC,
+        )  # fmt: skip
     else:
-        m = k < C
-        idx = ((a * B + b) * C + k) * D + d
-        base = col_part + tl.load(row + M_COLPART)
-        stride = tl.load(row + M_NCOLS)
-        nblocks = tl.load(row + M_NSTRIP)
-        n = R
-        st_ptr = _ptr(row, M_S2, tl.float32)
-    acc = tl.load(base + idx, mask=m, other=0.0)
-    for blk in range(1, nblocks):
-        acc += tl.load(base + blk * stride + idx, mask=m, other=0.0)
-    new = acc * tl.div_rn(sq, n.to(tl.float32))
-    if ADD_EPS1:
-        new = new + eps1
-    st = _lerp(tl.load(st_ptr + idx, mask=m, other=0.0), new, w2)
-    tl.store(st_ptr + idx, st, mask=_masked(m, keep))
+        sq = gscale * gscale
+        k = chunk * FB + tl.arange(0, FB).to(tl.int64)
+        if kind == 0:
+            m = k < R
+            idx = (a * R + k) * (B * D) + b * D + d
+            base = row_part + tl.load(row + M_ROWPART)
+            stride = tl.load(row + M_NROWS)
+            nblocks = tl.load(row + M_NCB)
+            n = C
+            st_ptr = _ptr(row, M_S1, tl.float32)
+        else:
+            m = k < C
+            idx = ((a * B + b) * C + k) * D + d
+            base = col_part + tl.load(row + M_COLPART)
+            stride = tl.load(row + M_NCOLS)
+            nblocks = tl.load(row + M_NSTRIP)
+            n = R
+            st_ptr = _ptr(row, M_S2, tl.float32)
+        acc = tl.load(base + idx, mask=m, other=0.0)
+        for blk in range(1, nblocks):
+            acc += tl.load(base + blk * stride + idx, mask=m, other=0.0)
+        new = acc * tl.div_rn(sq, n.to(tl.float32))
+        if ADD_EPS1:
+            new = new + eps1
+        st = _lerp(tl.load(st_ptr + idx, mask=m, other=0.0), new, w2)
+        tl.store(st_ptr + idx, st, mask=_masked(m, keep))
+        part = tl.sum(tl.where(m, st, 0.0).to(tl.float64), axis=0)
     if kind == 0:
         nrc = tl.load(row + M_NRC)
-        part = rmean_part + tl.load(row + M_RMEAN) + o * nrc + chunk
-        tl.store(part, tl.sum(tl.where(m, st, 0.0), axis=0))
+        tl.store(rmean_part + tl.load(row + M_RMEAN) + o * nrc + chunk, part)
+
+
+@triton.jit
+def _wide_factors(
+    row, kind, chunk, a, b, d, R, B, C, D, gscale, w2, eps1, keep, wide_r, wide_c, sign, clipv,
+    G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, ADD_EPS1: tl.constexpr, FB: tl.constexpr,
+    WR: tl.constexpr, WC: tl.constexpr,
+):  # fmt: skip
+    """The overflow path of a chunk of R (kind 0) or C (kind 1): the reference's float64 math.
+    The float32 partial sums overflowed, so the chunk's sums of g^2 are taken again from the
+    gradient in float64 (tiles of WR x WC); averaged in float64; this step's values kept in
+    ``wide_r``/``wide_c`` for U, the state stored saturated. Returns the chunk's sum of R."""
+    row_stride = B * C * D
+    base = a * R * row_stride + b * C * D + d
+    sq = gscale.to(tl.float64) * gscale.to(tl.float64)
+    w = w2.to(tl.float64)
+    part = tl.zeros([], dtype=tl.float64)
+    lo = chunk * FB
+    if kind == 0:
+        hi = tl.minimum(lo + FB, R)
+        st_ptr = _ptr(row, M_S1, tl.float32)
+        wbuf = wide_r + tl.load(row + M_WROW)
+        for r0 in range(lo, hi, WR):
+            rows = r0 + tl.arange(0, WR).to(tl.int64)
+            rm = rows < hi
+            acc = tl.zeros([WR], dtype=tl.float64)
+            for c0 in range(0, C, WC):
+                cols = c0 + tl.arange(0, WC).to(tl.int64)
+                mask = rm[:, None] & (cols < C)[None, :]
+                offs = base + rows[:, None] * row_stride + cols[None, :] * D
+                g = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV).to(tl.float64)
+                acc += tl.sum(g * g, axis=1)
+            idx = (a * R + rows) * (B * D) + b * D + d
+            part += _wide_average(acc, idx, rm, C, sq, w, eps1, keep, st_ptr, wbuf, ADD_EPS1)
+    else:
+        hi = tl.minimum(lo + FB, C)
+        st_ptr = _ptr(row, M_S2, tl.float32)
+        wbuf = wide_c + tl.load(row + M_WCOL)
+        for c0 in range(lo, hi, WC):
+            cols = c0 + tl.arange(0, WC).to(tl.int64)
+            cm = cols < hi
+            acc = tl.zeros([WC], dtype=tl.float64)
+            for r0 in range(0, R, WR):
+                rows = r0 + tl.arange(0, WR).to(tl.int64)
+                mask = (rows < R)[:, None] & cm[None, :]
+                offs = base + rows[:, None] * row_stride + cols[None, :] * D
+                g = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV).to(tl.float64)
+                acc += tl.sum(g * g, axis=0)
+            idx = ((a * B + b) * C + cols) * D + d
+            part += _wide_average(acc, idx, cm, R, sq, w, eps1, keep, st_ptr, wbuf, ADD_EPS1)
+    return part
+
+
+@triton.jit
+def _wide_average(acc, idx, m, n, sq, w, eps1, keep, st_ptr, wbuf, ADD_EPS1: tl.constexpr):
+    """The reference's _average on its float64 path: lerp(state, sum * scale^2 / n (+ eps1), w)
+    in float64, kept unrounded in ``wbuf`` and stored saturated. Returns the sum over ``m``."""
+    new = acc * (sq / n.to(tl.float64))
+    if ADD_EPS1:
+        new = new + tl.cast(eps1, tl.float64)
+    st = _lerp(tl.load(st_ptr + idx, mask=m, other=0.0).to(tl.float64), new, w)
+    tl.store(wbuf + idx, st, mask=m)
+    tl.store(st_ptr + idx, _sat(st, F32_MAX).to(tl.float32), mask=_masked(m, keep))
+    return tl.sum(tl.where(m, st, 0.0), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +700,8 @@ def _numerator(row, offs, mask, gs, w1, keep, M_DT: tl.constexpr, MOM: tl.conste
 
 @triton.jit
 def _pass2_2d(
-    tiles, meta, hyp, scal, rmean_part, usum, skip_ptr, sign, clipv, eps1, eps1sq, w1,
+    tiles, meta, hyp, scal, rmean_part, wide_r, wide_c, usum, skip_ptr, sign, clipv, eps1,
+    eps1sq, w1,
     G_DT: tl.constexpr, M_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, MOM: tl.constexpr,
     CLAMP: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
     CONTIG_C: tl.constexpr,
@@ -534,28 +711,55 @@ def _pass2_2d(
         tiles, meta, pid, TR, TC, CONTIG_C
     )
     keep = _keep(skip_ptr)
-    gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(scal + slot * NS)
+    s = scal + slot * NS
+    gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(s + S_GSCALE)
     num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, True)
     mean = _row_mean(rmean_part, row, o, R)
-    u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, eps1, eps1sq, tl.float32, CLAMP)
-    tl.store(usum + pid, tl.sum(tl.sum(tl.where(mask, u * u, 0.0), axis=1), axis=0))
+    wide = tl.load(s + S_WIDE) != 0
+    wr = wide_r + tl.load(row + M_WROW)
+    wc = wide_c + tl.load(row + M_WCOL)
+    u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, wide, wr, wc, eps1, eps1sq, CLAMP)
+    sq = tl.where(mask, u * u, 0.0)
+    usq = tl.sum(tl.sum(sq, axis=1), axis=0).to(tl.float64)
+    if wide:  # float64 squares (U beside an outlier is far beyond 1e19)
+        u64 = u.to(tl.float64)
+        usq = tl.sum(tl.sum(tl.where(mask, u64 * u64, 0.0), axis=1), axis=0)
+    elif usq > F32_MAX:  # the float32 sum overflowed: float32 squares added in float64
+        usq = tl.sum(tl.sum(sq.to(tl.float64), axis=1), axis=0)
+    tl.store(usum + pid, usq)
 
 
 @triton.jit
 def _unfactored_u(row, offs, mask, gs, num, w2, eps1, eps1sq, keep, CLAMP: tl.constexpr,
                   UPDATE: tl.constexpr):  # fmt: skip
-    """V <- lerp(V, g^2 + eps1, 1 - beta2_t) (pass 2 only); U = numerator / sqrt(V_hat)."""
+    """V <- lerp(V, g^2 + eps1, 1 - beta2_t) and U = numerator / sqrt(V_hat).
+
+    The overflow path per element, as foreach: where g^2 would overflow float32 (|g| >= 2^63,
+    finite) g, V and eps1 are scaled by s = 2^-64 (exact): V' = lerp(V s^2, (g s)^2 + eps1 s^2, w),
+    U = s numerator / sqrt(V'), V stored as V' / s^2 saturated. s = 1 elsewhere: the same bits as
+    without it. Pass 2 (``UPDATE``) stores V of the other elements; the apply pass, which reads
+    the state again, stores it at those elements (so both compute V' from the same old V)."""
     vp = _ptr(row, M_S1, tl.float32) + offs
     v = tl.load(vp, mask=mask, other=1.0)
+    ga = tl.abs(gs)
+    huge = (ga >= HUGE_G) & (ga <= F32_MAX)
+    sig = tl.where(huge, SIG, 1.0)
+    unsig = tl.where(huge, UNSIG, 1.0)
+    gq = gs * sig
+    new = gq * gq
+    if not CLAMP:
+        new = new + eps1 * sig * sig
+    v2 = _lerp(v * sig * sig, new, w2)
+    stored = tl.where(huge, _sat(v2 * unsig * unsig, F32_MAX), v2)
     if UPDATE:
-        new = gs * gs
-        if not CLAMP:
-            new = new + eps1
-        v = _lerp(v, new, w2)
-        tl.store(vp, v, mask=_masked(mask, keep))
+        tl.store(vp, stored, mask=_masked(tl.where(huge, False, mask), keep))
+        vu = tl.where(huge, v2, stored)
+    else:  # V is this step's already, but at the huge elements
+        tl.store(vp, stored, mask=_masked(tl.where(huge, mask, False), keep))
+        vu = tl.where(huge, v2, v)
     if CLAMP:
-        v = _max_nan(v, eps1sq)
-    return num * _rsqrt(v)
+        vu = _max_nan(vu, eps1sq)
+    return num * _rsqrt(vu) * sig
 
 
 @triton.jit
@@ -571,21 +775,27 @@ def _pass2_1d(
     num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, True)
     w2 = tl.load(hyp + slot * NH + H_W2)
     u = _unfactored_u(row, offs, mask, gs, num, w2, eps1, eps1sq, keep, CLAMP, True)
-    tl.store(usum + pid, tl.sum(tl.where(mask, u * u, 0.0), axis=0))
+    sq = tl.where(mask, u * u, 0.0)
+    usq = tl.sum(sq, axis=0).to(tl.float64)
+    if usq > F32_MAX:  # the float32 sum overflowed: float32 squares added in float64
+        usq = tl.sum(sq.to(tl.float64), axis=0)
+    tl.store(usum + pid, usq)
 
 
 @triton.jit
 def _reduce2(
     meta, scal, usum, skip_ptr, rms_out, clip_d, CLIP: tl.constexpr, RB: tl.constexpr,
 ):  # fmt: skip
-    """Per tensor: RMS(U) and the update-clipping divisor max(1, RMS(U) / d)."""
+    """Per tensor: RMS(U) and the update-clipping divisor max(1, RMS(U) / d), from the
+    programs' sums of U^2 added in float64 (as the reference)."""
     slot = tl.program_id(0).to(tl.int64)
     row = meta + slot * NM
     usq = _sum_partials(usum, row, 0, 1, M_PROG0, M_NPROG, RB)
-    rms = tl.sqrt_rn(tl.div_rn(usq, tl.load(row + M_NUMEL).to(tl.float32)))
+    rms64 = tl.sqrt(usq / tl.load(row + M_NUMEL).to(tl.float64))
+    rms = rms64.to(tl.float32)
     div = 1.0
     if CLIP:
-        div = _max_nan(tl.div_rn(rms, clip_d), 1.0)
+        div = _max_nan(rms64 / tl.cast(clip_d, tl.float64), 1.0).to(tl.float32)
     tl.store(scal + slot * NS + S_DIV, div)
     tl.store(scal + slot * NS + S_RMS, rms)
     keep = _keep(skip_ptr)
@@ -649,8 +859,8 @@ def _apply(
 
 @triton.jit
 def _apply_2d(
-    tiles, meta, hyp, scal, rmean_part, skip_ptr, sign, clipv, eps1, eps1sq, w1, wd, ema_m,
-    ema_1m,
+    tiles, meta, hyp, scal, rmean_part, wide_r, wide_c, skip_ptr, sign, clipv, eps1, eps1sq, w1,
+    wd, ema_m, ema_1m,
     G_DT: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr, E_DT: tl.constexpr,
     HAS_CLIPV: tl.constexpr, MOM: tl.constexpr, CLAMP: tl.constexpr, CLIP: tl.constexpr,
     HAS_WD: tl.constexpr, WD_MODE: tl.constexpr, SR: tl.constexpr, EMA: tl.constexpr,
@@ -665,7 +875,10 @@ def _apply_2d(
     gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(s + S_GSCALE)
     num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, False)
     mean = _row_mean(rmean_part, row, o, R)
-    u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, eps1, eps1sq, tl.float32, CLAMP)
+    wide = tl.load(s + S_WIDE) != 0
+    wr = wide_r + tl.load(row + M_WROW)
+    wc = wide_c + tl.load(row + M_WCOL)
+    u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, wide, wr, wc, eps1, eps1sq, CLAMP)
     _apply(
         row, hyp + slot * NH, s, offs, mask, u, w1, wd, ema_m, ema_1m, keep,
         P_DT, M_DT, E_DT, MOM, CLIP, HAS_WD, WD_MODE, SR, EMA,
@@ -687,7 +900,8 @@ def _apply_1d(
     h = hyp + slot * NH
     gs = _grad(row, offs, mask, sign, clipv, G_DT, HAS_CLIPV) * tl.load(s + S_GSCALE)
     num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, False)
-    u = _unfactored_u(row, offs, mask, gs, num, 0.0, eps1, eps1sq, keep, CLAMP, False)
+    w2 = tl.load(h + H_W2)
+    u = _unfactored_u(row, offs, mask, gs, num, w2, eps1, eps1sq, keep, CLAMP, False)
     _apply(
         row, h, s, offs, mask, u, w1, wd, ema_m, ema_1m, keep,
         P_DT, M_DT, E_DT, MOM, CLIP, HAS_WD, WD_MODE, SR, EMA,
@@ -771,6 +985,8 @@ class _Layout:
     row_part: int
     col_part: int
     rmean_part: int
+    wide_rows: int  # elements of the float64 R and C of the overflow path
+    wide_cols: int
 
 
 _LAYOUTS: dict[Any, _Layout] = {}
@@ -790,7 +1006,7 @@ def _layout(
     programs: list[Tensor] = []
     stats_programs: list[Tensor] = []
     fprogs: list[int] = []
-    row_part = col_part = rmean_part = 0
+    row_part = col_part = rmean_part = wide_rows = wide_cols = 0
     n_prog = n_sprog = 0
     tr, tc = TILES[kind] if kind is not None else (1, BLOCK_1D)
     for slot, (a, r, b, c, d) in enumerate(views):
@@ -808,12 +1024,17 @@ def _layout(
         nrc = -(-r // FACTOR_BLOCK)
         ncc = -(-c // FACTOR_BLOCK)
         cols = [numel, a, r, b, c, d, nrb, ncb, row_part, col_part, n_prog, nprog, rmean_part, nrc]
-        static.append([*cols, 0, nrows, ncols, loop, nstrip, n_sprog, nsprog])  # M_OUT: per call
+        # (M_OUT, the 0: per call)
+        static.append([
+            *cols, 0, nrows, ncols, loop, nstrip, n_sprog, nsprog, wide_rows, wide_cols,
+        ])  # fmt: skip
         n_prog += nprog
         n_sprog += nsprog
         if kind is not None:
             row_part += ncb * nrows
             col_part += nstrip * ncols
+            wide_rows += nrows
+            wide_cols += ncols
             for o in range(slices):
                 fprogs += [x for k in range(nrc) for x in (slot, o, k, 0)]
                 fprogs += [x for k in range(ncc) for x in (slot, o, k, 1)]
@@ -831,6 +1052,8 @@ def _layout(
         row_part=row_part,
         col_part=col_part,
         rmean_part=rmean_part,
+        wide_rows=wide_rows,
+        wide_cols=wide_cols,
     )
     _LAYOUTS[key] = layout
     return layout
@@ -914,30 +1137,20 @@ def _zero(device: torch.device) -> Tensor:
 
 @torch.no_grad()
 def group_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    row_vars: Sequence[Tensor],
-    col_vars: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    emas: Sequence[Tensor],
-    noise: Sequence[Tensor],
-    factor_dims: Sequence[int],
-    lr: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    skipped_steps: Tensor,
-    plan: GroupPlan,
-    *,
-    capturable: bool | None = None,
+    op: OpArgs, plan: GroupPlan, *, capturable: bool | None = None
 ) -> tuple[Tensor, Tensor]:
-    """One step of a param group whose tensors all pass :func:`supports` (the op's arguments,
-    already checked). Returns ``(alpha, update_rms)``, float32, one entry per parameter.
+    """One step of a param group whose tensors all pass :func:`supports`: the op's arguments
+    (:class:`adafactor.ops.OpArgs`, already checked; ``kahan_comps`` unused, as Kahan summation
+    is not supported). Returns ``(alpha, update_rms)``, float32, one entry per parameter.
 
     ``capturable`` (default: whether every step counter lives off the CPU): per-step scalars
     computed on the device from the counters, ``found_inf`` applied by masking (no host read).
     """
+    if plan.kahan_summation:
+        raise ValueError("adafactor_triton.group_step: kahan_summation is not supported")
+    params, grads, steps, row_vars, col_vars, variances, exp_avgs, emas, noise = op[:9]
+    factor_dims, lr, grad_scale = op.factor_dims, op.lr, op.grad_scale
+    found_inf, skipped_steps = op.found_inf, op.skipped_steps
     n = len(params)
     device = params[0].device if n else lr.device
     if any(p.device != device for p in params):
@@ -1047,12 +1260,16 @@ def _launch_bucket(
     e_dt = _TL_DTYPES[edt] if edt is not None else tl.float32
     factored = kind is not None
     np_ = lay.n_programs
-    tsum = torch.empty(2 * lay.n_stats_programs, dtype=f32, device=device)
-    usum = torch.empty(np_, dtype=f32, device=device)
+    f64 = torch.float64
+    tsum = torch.empty(TS * lay.n_stats_programs, dtype=f32, device=device)
+    usum = torch.empty(np_, dtype=f64, device=device)
     scal = torch.empty(n * NS, dtype=f32, device=device)
     row_part = torch.empty(max(lay.row_part, 1), dtype=f32, device=device)
     col_part = torch.empty(max(lay.col_part, 1), dtype=f32, device=device)
-    rmean_part = torch.empty(max(lay.rmean_part, 1), dtype=f32, device=device)
+    rmean_part = torch.empty(max(lay.rmean_part, 1), dtype=f64, device=device)
+    # this step's float64 R and C on the overflow path (written only there)
+    wide_r = torch.empty(max(lay.wide_rows, 1), dtype=f64, device=device)
+    wide_c = torch.empty(max(lay.wide_cols, 1), dtype=f64, device=device)
     dummy = tsum  # an unused pointer argument
     sign = -1.0 if plan.maximize else 1.0
     has_clipv = plan.clipvalue is not None
@@ -1080,21 +1297,23 @@ def _launch_bucket(
         )  # fmt: skip
     _reduce1[(n,)](
         meta, hyp, scal, tsum, grad_scale if grad_scale is not None else dummy, skip_ptr, alphas,
-        float(plan.clipnorm or 0.0), float(plan.eps2),
-        HAS_GSCALE=grad_scale is not None, CLIPNORM=clipnorm, SCALE_PARAM=scale_param,
-        RB=REDUCE_BLOCK, **opts,
+        float(plan.clipnorm or 0.0), float(plan.eps2), sign, clipv,
+        G_DT=g_dt, HAS_CLIPV=has_clipv, HAS_GSCALE=grad_scale is not None, CLIPNORM=clipnorm,
+        SCALE_PARAM=scale_param, WANT_WIDE=factored or clipnorm, RB=REDUCE_BLOCK,
+        BLOCK=BLOCK_1D, **opts,
     )  # fmt: skip
     eps1sq = eps1 * eps1
     if factored:
         assert lay.fprogs is not None
         _factors[(lay.fprogs.numel() // 4,)](
-            lay.fprogs, meta, hyp, scal, row_part, col_part, rmean_part, skip_ptr, eps1,
-            ADD_EPS1=not clamp, FB=FACTOR_BLOCK, **opts,
+            lay.fprogs, meta, hyp, scal, row_part, col_part, rmean_part, wide_r, wide_c, skip_ptr,
+            eps1, sign, clipv, G_DT=g_dt, HAS_CLIPV=has_clipv, ADD_EPS1=not clamp,
+            FB=FACTOR_BLOCK, WR=WIDE_TILE[0], WC=WIDE_TILE[1], **opts,
         )  # fmt: skip
         _pass2_2d[grid](
-            lay.programs, meta, hyp, scal, rmean_part, usum, skip_ptr, sign, clipv, eps1, eps1sq,
-            w1, G_DT=g_dt, M_DT=m_dt, HAS_CLIPV=has_clipv, MOM=mom, CLAMP=clamp,
-            TR=tr, TC=tc, CONTIG_C=contig, **opts,
+            lay.programs, meta, hyp, scal, rmean_part, wide_r, wide_c, usum, skip_ptr, sign,
+            clipv, eps1, eps1sq, w1, G_DT=g_dt, M_DT=m_dt, HAS_CLIPV=has_clipv, MOM=mom,
+            CLAMP=clamp, TR=tr, TC=tc, CONTIG_C=contig, **opts,
         )  # fmt: skip
     else:
         _pass2_1d[grid](
@@ -1116,8 +1335,8 @@ def _launch_bucket(
     }  # fmt: skip
     if factored:
         _apply_2d[grid](
-            lay.programs, meta, hyp, scal, rmean_part, skip_ptr, sign, clipv, eps1, eps1sq, w1,
-            wd, m, 1 - m, TR=tr, TC=tc, CONTIG_C=contig, **common, **opts,
+            lay.programs, meta, hyp, scal, rmean_part, wide_r, wide_c, skip_ptr, sign, clipv,
+            eps1, eps1sq, w1, wd, m, 1 - m, TR=tr, TC=tc, CONTIG_C=contig, **common, **opts,
         )  # fmt: skip
     else:
         _apply_1d[grid](
@@ -1148,26 +1367,28 @@ def run_part(
         for part in by_device.values():
             run_part(plan, params, grads, states, dims, noise, lr, grad_scale, part, alphas, rmss)
         return
+    from ..ops import OpArgs  # (imported: ops calls this module)
+
     sts = [states[i] for i in index]
     ds = [dims[i] for i in index]
-    skipped = torch.zeros((), dtype=torch.int64)
-    a, r = group_step(
-        [params[i] for i in index],
-        [grads[i] for i in index],
-        [s["step"] for s in sts],
-        [s["row_var"] for s, d in zip(sts, ds) if d is not None],
-        [s["col_var"] for s, d in zip(sts, ds) if d is not None],
-        [s["variance"] for s, d in zip(sts, ds) if d is None],
-        [s["exp_avg"] for s in sts] if plan.momentum != Momentum.NONE else [],
-        [s["ema"] for s in sts] if plan.use_ema else [],
-        [noise[i] for i in index] if noise else [],
-        [k for d in ds for k in (d if d is not None else (-1, -1))],
-        lr,
-        grad_scale,
-        None,
-        skipped,
-        plan,
+    op = OpArgs(
+        params=[params[i] for i in index],
+        grads=[grads[i] for i in index],
+        steps=[s["step"] for s in sts],
+        row_vars=[s["row_var"] for s, d in zip(sts, ds) if d is not None],
+        col_vars=[s["col_var"] for s, d in zip(sts, ds) if d is not None],
+        variances=[s["variance"] for s, d in zip(sts, ds) if d is None],
+        exp_avgs=[s["exp_avg"] for s in sts] if plan.momentum != Momentum.NONE else [],
+        emas=[s["ema"] for s in sts] if plan.use_ema else [],
+        noise=[noise[i] for i in index] if noise else [],
+        kahan_comps=[],
+        factor_dims=[k for d in ds for k in (d if d is not None else (-1, -1))],
+        lr=lr,
+        grad_scale=grad_scale,
+        found_inf=None,
+        skipped_steps=torch.zeros((), dtype=torch.int64),
     )
+    a, r = group_step(op, plan)
     if len(index) == len(params):
         alphas.copy_(a)
         rmss.copy_(r)
