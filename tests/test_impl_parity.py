@@ -229,6 +229,45 @@ def test_change_behind_the_version_counter_is_reported_and_stops_the_carry() -> 
     assert abs(opt.last_step_stats[0].alpha.item() - expected_alpha) <= 1e-6 * expected_alpha
 
 
+def test_compiled_steps_keep_the_carry() -> None:
+    """A compiled step's wrapper bumps the mutated parameters' version counters once more than
+    the op does; the tables learn that from a sum proved unchanged and keep using the carry, with
+    the same bits as eager steps."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, 600))
+        opt = Adafactor([p], impl="fused")
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(5):
+            p.grad = torch.randn(64, 600)
+            step()
+        tables = _tables_of(p)
+        assert int(tables.carry_bumps[0]) == (2 if compiled else 1)
+        assert int(tables.ints[0, fused._TI_FLAGS]) & fused._F_USE_CARRIED  # used at step 5
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_learned_bump_count_still_catches_changes() -> None:
+    """Learned from an in-place op that changed nothing, two bumps a step pass; a change with
+    the same count is then caught at the next step (as any change behind the counter)."""
+    opt = _carry_run((64, 600), True, 2, torch.float32)
+    p = opt.param_groups[0]["params"][0]
+    for _ in range(2):
+        with torch.no_grad():
+            p.add_(0.0)  # bumps the counter, changes no bit
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert int(_tables_of(p).carry_bumps[0]) == 2
+    with torch.no_grad():
+        p.mul_(3.0)  # one bump, as learned: looks valid
+    p.grad = torch.randn_like(p)
+    with pytest.warns(RuntimeWarning, match=r"were changed outside"):
+        opt.step()
+    assert bool(_tables_of(p).carry_off[0])
+
+
 def test_unsupported_tensors_fall_back_to_reference() -> None:
     """float64 and non-contiguous parameters take the reference path under impl='fused'."""
     for make in (

@@ -426,6 +426,7 @@ _TD_NEW_SQ, _TD_OLD_SQ, _TD_STATUS, _TABLE_D = range(7, 11)
 _OVERFLOW = 2  # TD_STATUS (C: ERR_OVERFLOW): a finite gradient overflowed float32, left untouched
 _GROUP_D, _GROUP_I = 8, 6
 _F_BF16, _F_MBF16, _F_FACTORED, _F_CARRY, _F_USE_CARRIED, _F_WANT_X = 1, 2, 4, 8, 16, 32
+_F_VERIFY = 64
 
 
 class GroupTables:
@@ -434,10 +435,12 @@ class GroupTables:
     Built once for a list of (param, state); the caller (:mod:`adafactor.ops`) reuses it while
     every pointer, shape and dtype is unchanged. Each step refreshes only the gradient and noise
     pointers and the carry flags. It also carries each parameter's sum of x^2 from one step to the
-    next: ``carry_version`` is the parameter's version counter when the sum was taken (valid for
-    the next step if only this op's own bump came in between) and ``carry_ok`` marks the valid
-    sums; a parameter caught changing behind its version counter is marked on the parameter
-    itself (``_CARRY_ATTR``), so that it stays re-read when the tables are rebuilt.
+    next: ``carry_version`` is the parameter's version counter when the sum was taken, valid for
+    the next step if the counter moved by ``carry_bumps`` since (1: this op's own bump; a
+    compiled step's wrapper bumps mutated inputs once more, learned when a sum the counter ruled
+    out proves equal to x's re-sum) and ``carry_ok`` marks the valid sums; a parameter caught
+    changing behind its version counter is marked on the parameter itself (``_CARRY_ATTR``), so
+    that it stays re-read when the tables are rebuilt.
     """
 
     def __init__(self, params: list[Tensor], states: list[dict[str, Tensor]], dims: list[Any]):
@@ -461,6 +464,7 @@ class GroupTables:
         ).reshape(n, -1)
         self.flags = self.ints[:, _TI_FLAGS].clone()
         self.carry_version = torch.zeros(n, dtype=torch.int64)
+        self.carry_bumps = torch.ones(n, dtype=torch.int64)
         self.carry_off = torch.tensor([getattr(p, _CARRY_ATTR, None) is False for p in params])
         self.carry_ok = torch.zeros(n, dtype=torch.bool)
 
@@ -510,10 +514,13 @@ def group_step(
     if carry:
         flags = flags | _F_CARRY
         versions = torch.tensor([p._version for p in params], dtype=torch.int64)
-        # valid: taken last step, and only this op's own bump of the counter since
-        use = tables.carry_ok & (versions == tables.carry_version + 1)
+        # valid: taken last step, and only the bumps a step makes since (this op's own; under
+        # torch.compile also AOTAutograd's of the mutated inputs: learned in _keep_carry)
+        use = tables.carry_ok & (versions == tables.carry_version + tables.carry_bumps)
         if bool(use.any()):  # pass 1 skips x where the carried sum stands in
             flags = torch.where(use, (flags | _F_USE_CARRIED) & ~_F_WANT_X, flags)
+        # a held sum the counter rules out: pass 3 re-sums the old x^2 to learn the bumps
+        flags = torch.where(tables.carry_ok & ~use, flags | _F_VERIFY, flags)
     ints[:, _TI_FLAGS] = flags
     t = torch.empty(n, dtype=torch.float64)
     i64p, f64p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
@@ -620,6 +627,11 @@ def _keep_carry(
             setattr(params[i], _CARRY_ATTR, False)  # re-read every step from now on
         tables.carry_off |= stale_mask
         ok &= ~stale_mask
+    # a held sum the counter ruled out, yet x unchanged bit for bit: the counter moves by more
+    # than this op's bump each step (a compiled step's wrapper bumps mutated inputs again)
+    learn = tables.carry_ok & ~use & ok & (carried == old)
+    if bool(learn.any()):
+        tables.carry_bumps = torch.where(learn, versions - tables.carry_version, tables.carry_bumps)
     doubles[:, _TD_CARRIED] = doubles[:, _TD_NEW_SQ]
     tables.carry_version, tables.carry_ok = versions, ok
     return stale

@@ -197,7 +197,9 @@ class Adafactor(Optimizer):
         carry_param_rms: on the fused CPU path, take RMS(x) of a step from the sum of x^2 that
             the previous step computed while writing x (saves one read of every parameter,
             about 15 % of a step). The carried sum is dropped when the parameter's data
-            pointer or version counter changes; a change that bypasses both (``p.data.mul_``,
+            pointer changes or its version counter moves by more than a step moves it (one
+            bump; two under ``torch.compile``, learned from a sum proved unchanged); a change
+            that bypasses both (``p.data.mul_``,
             a NumPy view) is caught at the next step, whose update then used the stale RMS(x),
             and reported with a warning. Set ``False`` to re-read x every step.
         generator: random generator for stochastic rounding (for reproducible runs).

@@ -969,7 +969,8 @@ enum { TD_LR, TD_RHO, TD_W2, TD_EPS1, TD_CARRIED, TD_ALPHA, TD_RMS, TD_NEW_SQ, T
 enum { GD_SIGN, GD_CLIPV, GD_W1, GD_EPS2, GD_WD, GD_CLIPNORM, GD_CLIP_D, GD_GSCALE, GROUP_D };
 enum { GI_WD_MODE, GI_MOM, GI_SCALE_PARAM, GI_CLAMP, GI_NT, GI_PAR_MIN, GROUP_I };
 /* TI_FLAGS bits */
-enum { F_BF16 = 1, F_MBF16 = 2, F_FACTORED = 4, F_CARRY = 8, F_USE_CARRIED = 16, F_WANT_X = 32 };
+enum { F_BF16 = 1, F_MBF16 = 2, F_FACTORED = 4, F_CARRY = 8, F_USE_CARRIED = 16, F_WANT_X = 32,
+       F_VERIFY = 64 };
 
 /* One tensor of a group: its Args from the tables, work buffers, the step. 0, or 1 when an
  * allocation failed (nothing written). */
@@ -1003,7 +1004,7 @@ static int group_tensor(const i64 *ti, double *td, const double *gd, const i64 *
     a.carried = td[TD_CARRIED];
     a.use_carried = (flags & F_USE_CARRIED) != 0;
     a.carry_x = (flags & F_CARRY) != 0;
-    a.verify_x = a.use_carried;
+    a.verify_x = a.use_carried || (flags & F_VERIFY) != 0; /* pass 3 sums the old x^2 too */
     a.want_x = !(flags & F_WANT_X) ? X_NONE : (a.carry_x ? X_SUMSQ : X_FUSED);
     void *work = NULL;
     double local[256]; /* small factored tensors: the work buffers from the stack, no malloc */
