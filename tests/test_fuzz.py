@@ -39,13 +39,16 @@ from adafactor import PRESETS, Adafactor
 BASE_SEED = 20_251_000
 DEFAULT_CASES = 800  # about 60 s on two busy cores (CI); ADAFACTOR_FUZZ_CASES draws more
 MAX_NUMEL = 4096
+# beyond the default cases, failures once found: a segment's float32 sum of u^2 overflowing in
+# the C kernel after an outlier without update clipping (now re-summed in float64)
+REGRESSION_SEEDS = [20252077, 20256661]
 
 
 def _seeds() -> list[int]:
     if "ADAFACTOR_FUZZ_SEED" in os.environ:
         return [int(os.environ["ADAFACTOR_FUZZ_SEED"])]
     n = int(os.environ.get("ADAFACTOR_FUZZ_CASES", DEFAULT_CASES))
-    return [BASE_SEED + i for i in range(n)]
+    return [BASE_SEED + i for i in range(n)] + [s for s in REGRESSION_SEEDS if s >= BASE_SEED + n]
 
 
 def _schedule(step: int) -> float:

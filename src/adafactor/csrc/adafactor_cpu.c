@@ -684,6 +684,33 @@ AI void apply_row(const Args *a, const int bf, const int MOM, const int mbf, i64
 }
 #endif
 
+/* A segment whose float32 sum of u^2 overflowed (each u^2 may still be finite): the float32
+ * squares summed in float64, as the reference sums them, with u recomputed from the statistics
+ * and momentum pass 2 stored (a bf16 gradient momentum is read back rounded). Rare: only after
+ * an outlier without update clipping, so one plain loop. */
+static double usq_wide(const Args *a, int MODE, int bf, int MOM, int mbf, i64 off, i64 len,
+                       i64 D, const float *fr, const float *rm, const float *fc) {
+    double acc = 0.0;
+    for (i64 j = 0; j < len; j++) {
+        const i64 i = off + j;
+        const float gs = gprep(ldf(a->g, i, bf), a->sign, a->clipv) * a->scale;
+        const float num = MOM == MOM_GRAD ? ldf(a->m, i, mbf) : gs;
+        float u;
+        if (MODE == MODE_FACT_ADD) {
+            u = num * fr[j % D] * fc[j];
+        } else if (MODE == MODE_FACT_CLAMP) {
+            float vh = fr[j % D] * fc[j] / rm[j % D];
+            u = num / sqrtf(vh > a->eps_sq ? vh : a->eps_sq);
+        } else {
+            float vv = a->v[i];
+            if (MODE == MODE_FULL_CLAMP) vv = vv > a->eps_sq ? vv : a->eps_sq;
+            u = num / sqrtf(vv);
+        }
+        acc += (double)(u * u);
+    }
+    return acc;
+}
+
 AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const int MOM, const int mbf,
                  const int d1, const int SR, i64 s, i64 L, double *seg, double *segv) {
     const int factored = MODE == MODE_FACT_ADD || MODE == MODE_FACT_CLAMP;
@@ -777,7 +804,8 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
             }
         }
     }
-    if (PASS == 2) seg[s] = (double)acc;
+    if (PASS == 2)
+        seg[s] = isinf(acc) ? usq_wide(a, MODE, bf, MOM, mbf, off, len, D, fr, rm, fc) : (double)acc;
     else if (a->carry_x) seg[s] = sumsq(x, off, len, bf);
 }
 
