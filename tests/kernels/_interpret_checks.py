@@ -319,8 +319,8 @@ def _run_outlier(
 @check
 def no_clip() -> list[str]:
     """Without update clipping, an outlier whose square still fits float32 (1e19): U beyond
-    float32 saturates as in the reference (finite weights and state, the same values). (A
-    larger one, whose square overflows, has no float64 path here: see supports().)"""
+    float32 saturates as in the reference (finite weights and state, the same values). (Larger
+    ones, whose squares overflow, take the overflow path: the overflow check below.)"""
     from tests.test_numerics import _assert_close_saturated
 
     failures = []
