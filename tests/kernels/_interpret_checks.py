@@ -301,13 +301,19 @@ NO_CLIP = [
 ]  # fmt: skip
 
 
+OUTLIER_SHAPES = [(32, 24), (24,), (1, 40)]
+
+
 def _run_outlier(
-    kwargs: dict[str, Any], impl: str, dtype: torch.dtype, huge: float
-) -> tuple[list[torch.Tensor], Adafactor]:
-    params = _params([(32, 24), (24,), (1, 40)], dtype)
+    kwargs: dict[str, Any], impl: str, dtype: torch.dtype, huge: float,
+    shapes: list[tuple[int, ...]] = OUTLIER_SHAPES, steps: int = 4,
+) -> tuple[list[torch.Tensor], Adafactor]:  # fmt: skip
+    """``steps`` steps of small gradients, the outlier ``huge`` in one element of each at the
+    second."""
+    params = _params(shapes, dtype)
     opt = Adafactor(params, impl=impl, **kwargs)
     grads = torch.Generator().manual_seed(2)
-    for step in range(4):
+    for step in range(steps):
         for p in params:
             p.grad = (torch.randn(p.shape, generator=grads) * 1e-2).to(dtype)
             if step == 1:
@@ -363,22 +369,6 @@ OVERFLOW_LAYOUTS = (
 )
 
 
-def _run_overflow(
-    kwargs: dict[str, Any], impl: str, dtype: torch.dtype, huge: float,
-    shapes: list[tuple[int, ...]] = OVERFLOW_SHAPES,
-) -> tuple[list[torch.Tensor], Adafactor]:  # fmt: skip
-    params = _params(shapes, dtype)
-    opt = Adafactor(params, impl=impl, **kwargs)
-    grads = torch.Generator().manual_seed(2)
-    for step in range(3):
-        for p in params:
-            p.grad = (torch.randn(p.shape, generator=grads) * 1e-2).to(dtype)
-            if step == 1:
-                p.grad.view(-1)[p.numel() // 3] = huge
-        opt.step()
-    return params, opt
-
-
 @check
 def overflow() -> list[str]:
     """A finite gradient element whose square overflows float32 (1e19 .. 3e38; 1e19: its
@@ -399,9 +389,9 @@ def overflow() -> list[str]:
     cases.append((OVERFLOW_LAYOUTS[0], torch.float32, OVERFLOW_LAYOUTS[2], OVERFLOW_LAYOUTS[1]))
     for kwargs, dtype, huge, shapes in cases:
         try:
-            ref_params, ref_opt = _run_overflow(kwargs, "reference", dtype, huge, shapes)
+            ref_params, ref_opt = _run_outlier(kwargs, "reference", dtype, huge, shapes, steps=3)
             PARTS.clear()
-            params, opt = _run_overflow(kwargs, "triton", dtype, huge, shapes)
+            params, opt = _run_outlier(kwargs, "triton", dtype, huge, shapes, steps=3)
             assert PARTS == [[0, 1, 2]] * 3, f"Triton parts {PARTS}"
             bad = []
             for pr, pf in zip(ref_params, params):
