@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adafactor import Adafactor, _foreach, ops
 from adafactor._plan import GroupPlan, Impl
-from adafactor.functional import global_grad_scale, group_plan
+from adafactor.functional import global_grad_scale, group_op_args, group_plan
 from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput
 from tests.test_impl_parity import _assert_matches
 
@@ -157,33 +157,17 @@ class _Group:
         skipped: torch.Tensor,
         *,
         lr: torch.Tensor | None = None,
-        noise: list | None = None,
+        generator: torch.Generator | None = None,
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
     ) -> ops.OpArgs:
-        from adafactor.functional import _dims_of
-
-        dims = [_dims_of(p, self.group) for p in self.params]
-        sts = self.states
-        plan = self.plan
-        no_comp = torch.empty(0, dtype=torch.bfloat16)
-        return ops.OpArgs(
-            params=self.params,
-            grads=grads,
-            steps=[s["step"] for s in sts],
-            row_vars=[s["row_var"] for s in sts if "row_var" in s],
-            col_vars=[s["col_var"] for s in sts if "col_var" in s],
-            variances=[s["variance"] for s in sts if "variance" in s],
-            exp_avgs=[s["exp_avg"] for s in sts] if plan.momentum else [],
-            emas=[s["ema"] for s in sts] if plan.use_ema else [],
-            noise=noise or [],
-            kahan_comps=[s.get("kahan_comp", no_comp) for s in sts] if plan.kahan_summation else [],
-            factor_dims=[i for d in dims for i in (d if d is not None else (-1, -1))],
-            lr=torch.tensor(float(self.group["lr"]), dtype=torch.float64) if lr is None else lr,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            skipped_steps=skipped,
-        )
+        if lr is None:
+            lr = torch.tensor(float(self.group["lr"]), dtype=torch.float64)
+        op = group_op_args(
+            self.params, grads, self.states, self.group, self.plan, lr=lr,
+            grad_scale=grad_scale, found_inf=found_inf, generator=generator,
+        )  # fmt: skip
+        return op._replace(skipped_steps=skipped)
 
 
 def _snapshot(g: _Group) -> list[torch.Tensor]:
@@ -216,20 +200,12 @@ def test_capturable_mode_matches_reference(sample: AdafactorInput) -> None:
     skipped = g.group["skipped_steps"]
     for _ in range(STEPS):
         grads = [(torch.randn(p.shape, generator=gens) * 1e-2).to(dtype) for p in params]
-        noise = []
-        if g.plan.stochastic_rounding:
-            noise = [
-                torch.randint(0, 1 << 16, p.shape, dtype=torch.int32, generator=opt.generator)
-                if p.dtype == torch.bfloat16
-                else torch.empty(0, dtype=torch.int32)
-                for p in params
-            ]
         lr = g.group["lr"]
         lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
         scale = None
         if opt.global_clipnorm:
             scale = global_grad_scale(grads, opt.global_clipnorm)
-        op = g.op(grads, skipped, lr=lr_t, noise=noise, grad_scale=scale)
+        op = g.op(grads, skipped, lr=lr_t, generator=opt.generator, grad_scale=scale)
         alpha, rms = _foreach.group_step(op, g.plan, capturable=True)
     # the optimizer's last_step_stats are not filled on this path: compare the tensors only
     ref_params, ref_opt = ref

@@ -12,7 +12,7 @@ import torch
 import adafactor._fused_cpu as fused
 import adafactor.ops as ops
 from adafactor import Adafactor
-from adafactor.functional import group_plan
+from adafactor.functional import group_op_args, group_plan
 from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput
 
 IMPLS = ["reference", "auto"]
@@ -33,41 +33,14 @@ def _set_grads(params: list[torch.Tensor], seed: int) -> None:
 
 
 def _op_args(opt: Adafactor) -> tuple[Any, ...]:
-    """The op's arguments for the optimizer's first group, as the driver builds them."""
+    """The op's arguments for the optimizer's first group, as the optimizer builds them."""
     group = opt.param_groups[0]
     params = [p for p in group["params"] if p.grad is not None]
     states = [opt._state_of(p, group) for p in params]
     plan = group_plan(group, opt.impl, opt.carry_param_rms)
-    dims = [fused_dims for fused_dims in (_dims(p, group) for p in params)]
-    rows = [s["row_var"] for s, d in zip(states, dims) if d is not None]
-    cols = [s["col_var"] for s, d in zip(states, dims) if d is not None]
-    variances = [s["variance"] for s, d in zip(states, dims) if d is None]
-    momentum = [s["exp_avg"] for s in states] if plan.momentum else []
-    emas = [s["ema"] for s in states] if plan.use_ema else []
-    return (
-        params,
-        [p.grad for p in params],
-        [s["step"] for s in states],
-        rows,
-        cols,
-        variances,
-        momentum,
-        emas,
-        [],
-        [],
-        [i for d in dims for i in (d if d is not None else (-1, -1))],
-        torch.tensor(0.01, dtype=torch.float64),
-        None,
-        None,
-        group["skipped_steps"],
-        *plan.as_args(),
-    )
-
-
-def _dims(p: torch.Tensor, group: dict[str, Any]) -> Any:
-    from adafactor.functional import _dims_of
-
-    return _dims_of(p, group)
+    lr = torch.tensor(0.01, dtype=torch.float64)
+    grads = [p.grad for p in params]
+    return (*group_op_args(params, grads, states, group, plan, lr=lr), *plan.as_args())
 
 
 OPCHECK_SAMPLES = [

@@ -678,14 +678,9 @@ def _bucket_step(
     del G, numer
 
     # ---- pass 3: clip, momentum, weight decay, write ----------------------------------------
-    # RMS(U) as the reference: float32 squares (inf where one overflows) summed in float64 (a
-    # float32 sum overflows first); on its float64 path float64 squares
+    # RMS(U) from float64 squares, as the reference (the true one, also where U^2 overflows)
     rms64 = _sq_mean_sqrt(list(torch._foreach_norm(U, 2, dtype=torch.float64)), numels)
-    amax = torch.stack(list(torch._foreach_norm(U, float("inf")))).to(cdt)
-    over = (amax * amax).isinf()
-    if wide is not None:
-        over = over & ~wide
-    rms = list(torch.where(over, torch.inf, torch.stack(rms64)).to(cdt).unbind())
+    rms = list(torch.stack(rms64).to(cdt).unbind())
     # saturated where the math overflows, as the reference (_reference._saturate): without update
     # clipping U beside an outlier can exceed float32; finite results keep their bits
     big = torch.finfo(cdt).max

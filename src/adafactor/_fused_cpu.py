@@ -84,6 +84,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Set to False on a parameter caught changing behind its version counter (p.data, NumPy views):
 # its sum of x^2 is then re-read every step instead of carried (see GroupTables).
 _CARRY_ATTR = "_adafactor_param_sq"
+_CARRY_MAX = torch.finfo(torch.float32).max / 2  # largest sum of x^2 carried (see _keep_carry)
 
 
 # Tensors with fewer elements run on one thread. Every parallel region costs a fork/join: on an
@@ -617,6 +618,10 @@ def _keep_carry(
     ok = ~tables.carry_off
     if overflowed:  # stepped elsewhere (no pass 3 here): re-read x next time
         ok[overflowed] = False
+    # a sum near float32's largest value may hold a row whose float32 sum overflowed, which pass
+    # 1 sums again from float64 squares and pass 3 does not: re-read such weights (rare: |x|
+    # near 2^64, only after an outlier without update clipping)
+    ok &= doubles[:, _TD_NEW_SQ] <= _CARRY_MAX
     # a carried sum must equal pass 3's re-sum of the same x bit for bit (NaN counts as equal)
     stale_mask = use & ok & (carried != old) & ~(carried.isnan() & old.isnan())
     stale = []

@@ -144,12 +144,13 @@ def prepare(
 def grad_square_sums(ts: TensorStep) -> GradSums:
     """Pass 1: local sums of g^2 (per row and column when factored) and of x^2.
 
-    The squares are taken in the math dtype (inf where one overflows float32) and summed in
-    float64: a float32 sum of finite squares can overflow, and ||g|| and RMS(x) need only be
-    finite in float64."""
+    g^2 is taken in the math dtype (inf where one overflows float32: :func:`beyond_float32`)
+    and summed in float64: a float32 sum of finite squares can overflow, and ||g|| need only be
+    finite in float64. x^2 is taken in float64, so RMS(x) is the true one (at most max|x|) even
+    for weights whose float32 squares overflow."""
     f64 = torch.float64  # (one float64 copy of the squares: sum(dtype=) copies per sum on CPU)
     g_sq = ts.grad.square().to(f64)
-    x_sq = ts.param.to(ts.grad.dtype).square().to(f64)
+    x_sq = ts.param.to(f64).square()
     row = col = None
     if ts.dims is not None:
         row = g_sq.sum(ts.dims.col_dim, keepdim=True)
@@ -190,8 +191,9 @@ def step_size(ts: TensorStep, param_sq: Tensor) -> float | Tensor:
     param_rms = (param_sq / max(ts.numel, 1)).sqrt()
     if plan.weight_decay_mode == WeightDecay.LR_BEFORE and plan.weight_decay:
         param_rms = param_rms * abs(1 - ts.lr * plan.weight_decay)
-    # RMS(x) saturated at the math dtype's largest value: once x^2 overflows it is inf, and
-    # inf * rho would make alpha_t inf (NaN at lr = 0) where the true RMS(x) <= max|x| is finite
+    # RMS(x) saturated at the math dtype's largest value: float64 squares of float64 weights
+    # beyond about 1.3e154 overflow, and inf * rho would make alpha_t inf (NaN at lr = 0) where
+    # the true RMS(x) <= max|x| is finite
     big = torch.finfo(ts.grad.dtype).max
     return param_rms.clamp(min=plan.eps2, max=big) * rho
 
@@ -277,7 +279,9 @@ def update_square_sum(ts: TensorStep) -> Tensor:
         ts.update = numerator * inv_row * inv_col
     else:
         ts.update = numerator * v_hat.rsqrt()
-    return ts.update.square().sum(dtype=torch.float64)  # (a float32 sum of U^2 can overflow)
+    # float64 squares: RMS(U) is the true one (at most max|U|) also where U beside an outlier
+    # has float32 squares that overflow (without update clipping)
+    return ts.update.to(torch.float64).square().sum()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import (
-    _fused_cpu,
-    ops,  # noqa: F401  (registers torch.ops.adafactor.step_)
-)
+from . import _fused_cpu, ops  # (ops registers torch.ops.adafactor.step_)
 from ._plan import GroupPlan, Momentum, plan_of
 from ._reference import norm_clip_factor, rounding_noise
 from ._validation import resolve_lr
@@ -29,6 +26,7 @@ __all__ = [
     "adafactor",
     "found_inf",
     "global_grad_scale",
+    "group_op_args",
     "group_plan",
     "step_lr",
 ]
@@ -79,14 +77,13 @@ def adafactor(
     ``group["skipped_steps"]``; ``generator`` drives stochastic rounding.
     """
     plan = group_plan(group, impl, carry_param_rms)
-    dims = _dims_list(params, group)
-    lists = _state_lists(params, states, dims, plan)  # before anything changes
-    lr_t = step_lr(group["lr"], states)
     if impl == "fused" and any(p.device.type == "cpu" for p in params):
         _fused_cpu.load()  # raises FusedUnavailableError naming the cause and the fix
     if has_dtensor(params):  # sharded parameters: local passes plus batched collectives
         from .distributed.dtensor import sharded_adafactor_step
 
+        _state_lists(params, states, _dims_list(params, group), plan)  # before anything changes
+        lr_t = step_lr(group["lr"], states)
         if plan.kahan_summation and any(p.dtype == torch.bfloat16 for p in params):
             raise NotImplementedError(
                 "kahan_summation=True is not implemented for DTensor (sharded) parameters yet; "
@@ -100,30 +97,64 @@ def adafactor(
             params, grads, states, group, plan, lr_t, global_grad_scale, generator
         )
         return GroupResult(_as_tensor(lr_t), alpha, rms)
+    op = group_op_args(
+        params,
+        grads,
+        states,
+        group,
+        plan,
+        grad_scale=global_grad_scale,
+        found_inf=found_inf,
+        generator=generator,
+    )
+    alpha, update_rms = torch.ops.adafactor.step_(*op, *plan.as_args())
+    return GroupResult(op.lr, alpha, update_rms)
+
+
+def group_op_args(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    group: dict[str, Any],
+    plan: GroupPlan,
+    *,
+    lr: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> ops.OpArgs:
+    """The tensor arguments of ``torch.ops.adafactor.step_`` for one group's step (its plan's
+    options, ``plan.as_args()``, follow them): the state lists the plan needs, the factored
+    dims, lr_t (``lr``, or the group's lr or schedule: :func:`step_lr`) and with stochastic
+    rounding the noise for bf16 parameters, drawn from ``generator``. Raises
+    :class:`MissingStateError` (nothing changed, nothing drawn) when a state tensor the options
+    need is missing."""
+    dims = _dims_list(params, group)
+    steps, row_vars, col_vars, variances, exp_avgs, emas, kahan_comps = _state_lists(
+        params, states, dims, plan
+    )
+    if lr is None:
+        lr = _as_tensor(step_lr(group["lr"], states))
     noise: list[Tensor] = []
     if plan.stochastic_rounding and any(p.dtype == torch.bfloat16 for p in params):
         noise = [_noise(p, generator) for p in params]
-    lr_tensor = _as_tensor(lr_t)
-    steps, row_vars, col_vars, variances, exp_avgs, emas, kahan_comps = lists
-    alpha, update_rms = torch.ops.adafactor.step_(
-        params,
-        grads,
-        steps,
-        row_vars,
-        col_vars,
-        variances,
-        exp_avgs,
-        emas,
-        noise,
-        kahan_comps,
-        [i for d in dims for i in (d if d is not None else (-1, -1))],
-        lr_tensor,
-        global_grad_scale,
-        found_inf,
-        group["skipped_steps"],
-        *plan.as_args(),
+    return ops.OpArgs(
+        params=params,
+        grads=grads,
+        steps=steps,
+        row_vars=row_vars,
+        col_vars=col_vars,
+        variances=variances,
+        exp_avgs=exp_avgs,
+        emas=emas,
+        noise=noise,
+        kahan_comps=kahan_comps,
+        factor_dims=[i for d in dims for i in (d if d is not None else (-1, -1))],
+        lr=lr,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        skipped_steps=group["skipped_steps"],
     )
-    return GroupResult(lr_tensor, alpha, update_rms)
 
 
 def global_grad_scale(grads: list[Tensor], max_norm: float) -> Tensor | None:

@@ -23,7 +23,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from adafactor import Adafactor  # noqa: E402
 from adafactor.cli.bench import SHAPE_SETS  # noqa: E402
-from adafactor.functional import _dims_of, group_plan  # noqa: E402
+from adafactor.functional import group_op_args, group_plan  # noqa: E402
 from adafactor.kernels import triton_module  # noqa: E402
 from adafactor.ops import OpArgs  # noqa: E402
 from tests.optim_inputs import OPTIM_INPUTS, AdafactorInput  # noqa: E402
@@ -212,25 +212,9 @@ def _group_args(
 ) -> tuple[OpArgs, Any]:  # fmt: skip
     group = opt.param_groups[0]
     sts = [opt._state_of(p, group) for p in params]
-    dims = [_dims_of(p, group) for p in params]
     plan = group_plan(group, "triton", True)
-    op = OpArgs(
-        params=params,
-        grads=grads,
-        steps=[s["step"] for s in sts],
-        row_vars=[s["row_var"] for s in sts if "row_var" in s],
-        col_vars=[s["col_var"] for s in sts if "col_var" in s],
-        variances=[s["variance"] for s in sts if "variance" in s],
-        exp_avgs=[s["exp_avg"] for s in sts] if plan.momentum else [],
-        emas=[s["ema"] for s in sts] if plan.use_ema else [],
-        noise=[],
-        kahan_comps=[],
-        factor_dims=[i for d in dims for i in (d if d is not None else (-1, -1))],
-        lr=lr,
-        grad_scale=None,
-        found_inf=found_inf,
-        skipped_steps=skipped,
-    )
+    op = group_op_args(params, grads, sts, group, plan, lr=lr, found_inf=found_inf)
+    op = op._replace(skipped_steps=skipped)
     return op, plan
 
 

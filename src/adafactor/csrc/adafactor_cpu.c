@@ -248,6 +248,21 @@ AI float usq_row16(const Args *a, const int bf, i64 off, i64 L, float frow,
 }
 #endif
 
+/* A run's sum of x^2 in float64 squares, where its float32 sum overflowed (|x| near 2^64 or
+ * beyond: the true RMS(x), as the reference's float64 squares). Such a sum is never carried to
+ * the next step (see _keep_carry), so pass 3 need not match it. */
+__attribute__((noinline)) static double sumsq_wide(const void *p, i64 off, i64 n, int bf) {
+    double acc = 0.0;
+    for (i64 j = 0; j < n; j++) {
+        const double v = (double)ldf(p, off + j, bf);
+        acc += v * v;
+    }
+    return acc;
+}
+AI double sq_or_wide(float sum, const void *p, i64 off, i64 n, int bf) {
+    return isinf(sum) ? sumsq_wide(p, off, n, bf) : (double)sum;
+}
+
 #ifdef AF_AVX512
 /* Sum of x^2 over one run in ROW_CHUNKS order with stats_row16's adds,
  * so the sum pass 3 carries to the next step equals the one pass 1 would compute, bit for bit. */
@@ -259,7 +274,7 @@ AI float usq_row16(const Args *a, const int bf, i64 off, i64 L, float frow,
 AI double sumsq16(const void *p, i64 off, i64 n, const int bf) {
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     ROW_CHUNKS(n, SQ16);
-    return (double)hsum4(t0, t1, t2, t3);
+    return sq_or_wide(hsum4(t0, t1, t2, t3), p, off, n, bf);
 }
 __attribute__((noinline)) static double sumsq_f32(const void *p, i64 off, i64 n) {
     return sumsq16(p, off, n, 0);
@@ -373,7 +388,7 @@ AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restr
         if (1) {
             /* the x^2 sums of X_FUSED and X_SUMSQ are the same adds here (see sumsq16) */
             acc = stats_row16(a, bf, a->want_x != X_NONE, off, L, fbuf, &accx);
-            if (a->want_x) segx[s] = (double)accx;
+            if (a->want_x) segx[s] = sq_or_wide(accx, x, off, L, bf);
         } else
 #endif
         if (a->want_x == X_FUSED) { /* one loop over g and x: two streams in step, read once */
@@ -386,7 +401,7 @@ AI void stats_matrix(Args *a, const int bf, i64 lo, i64 hi, i64 L, double *restr
                 float xv = ldf(x, off + j, bf);
                 accx += xv * xv;
             }
-            segx[s] = (double)accx;
+            segx[s] = sq_or_wide(accx, x, off, L, bf);
         } else {
 #pragma omp simd reduction(+ : acc)
             for (i64 j = 0; j < L; j++) {
@@ -684,29 +699,33 @@ AI void apply_row(const Args *a, const int bf, const int MOM, const int mbf, i64
 }
 #endif
 
-/* A segment whose float32 sum of u^2 overflowed (each u^2 may still be finite): the float32
- * squares summed in float64, as the reference sums them, with u recomputed from the statistics
- * and momentum pass 2 stored (a bf16 gradient momentum is read back rounded). Rare: only after
- * an outlier without update clipping, so one plain loop. */
+/* U of element j of a segment from its numerator: by the per-row and per-column factors
+ * (factored) or by V (unfactored; pass 2 passes the V it just stored) */
+AI float u_of(const int MODE, float num, const float *fr, const float *rm, const float *fc, i64 j,
+              i64 D, float vv, float eps_sq) {
+    if (MODE == MODE_FACT_ADD) return num * fr[j % D] * fc[j];
+    if (MODE == MODE_FACT_CLAMP) {
+        const float vh = fr[j % D] * fc[j] / rm[j % D];
+        return num / sqrtf(vh > eps_sq ? vh : eps_sq);
+    }
+    if (MODE == MODE_FULL_CLAMP) vv = vv > eps_sq ? vv : eps_sq;
+    return num / sqrtf(vv);
+}
+
+/* A segment whose float32 sum of u^2 overflowed: the float64 squares summed in float64 (the
+ * true RMS(U), as the reference's), with u recomputed from what pass 2 stored (V, and a
+ * gradient momentum already rounded to its dtype: the numerator pass 2 used). Rare: only
+ * after an outlier without update clipping, so one plain loop. */
 static double usq_wide(const Args *a, int MODE, int bf, int MOM, int mbf, i64 off, i64 len,
                        i64 D, const float *fr, const float *rm, const float *fc) {
+    const int factored = MODE == MODE_FACT_ADD || MODE == MODE_FACT_CLAMP;
     double acc = 0.0;
     for (i64 j = 0; j < len; j++) {
         const i64 i = off + j;
         const float gs = gprep(ldf(a->g, i, bf), a->sign, a->clipv) * a->scale;
         const float num = MOM == MOM_GRAD ? ldf(a->m, i, mbf) : gs;
-        float u;
-        if (MODE == MODE_FACT_ADD) {
-            u = num * fr[j % D] * fc[j];
-        } else if (MODE == MODE_FACT_CLAMP) {
-            float vh = fr[j % D] * fc[j] / rm[j % D];
-            u = num / sqrtf(vh > a->eps_sq ? vh : a->eps_sq);
-        } else {
-            float vv = a->v[i];
-            if (MODE == MODE_FULL_CLAMP) vv = vv > a->eps_sq ? vv : a->eps_sq;
-            u = num / sqrtf(vv);
-        }
-        acc += (double)(u * u);
+        const double u = u_of(MODE, num, fr, rm, fc, j, D, factored ? 0.0f : a->v[i], a->eps_sq);
+        acc += u * u;
     }
     return acc;
 }
@@ -757,23 +776,16 @@ AI void elem_seg(Args *a, const int PASS, const int MODE, const int bf, const in
                 num = ldf(m, i, mbf);
             }
         }
-        float u;
-        if (MODE == MODE_FACT_ADD) {
-            u = num * fr[j % D] * fc[j];
-        } else if (MODE == MODE_FACT_CLAMP) {
-            float vh = fr[j % D] * fc[j] / rm[j % D];
-            u = num / sqrtf(vh > eps_sq ? vh : eps_sq);
-        } else {
-            float vv;
+        float vv = 0.0f;
+        if (!factored) {
             if (PASS == 2) {
                 vv = lerp(v[i], MODE == MODE_FULL_ADD ? gs * gs + eps1 : gs * gs, w2);
                 v[i] = vv;
             } else {
                 vv = v[i];
             }
-            if (MODE == MODE_FULL_CLAMP) vv = vv > eps_sq ? vv : eps_sq;
-            u = num / sqrtf(vv);
         }
+        const float u = u_of(MODE, num, fr, rm, fc, j, D, vv, eps_sq);
         if (PASS == 2) {
             acc += u * u;
         } else {

@@ -388,6 +388,19 @@ def _grad_sq64(row, sign, clipv, G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr,
 
 
 @triton.jit
+def _param_sq64(row, P_DT: tl.constexpr, BLOCK: tl.constexpr):
+    """The sum of x^2 of a whole tensor from float64 squares, by one program (weights whose
+    float32 sum of x^2 overflowed: the true RMS(x), as the reference's)."""
+    n = tl.load(row + M_NUMEL)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for k0 in range(0, n, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK).to(tl.int64)
+        x = tl.load(_ptr(row, M_P, P_DT) + offs, mask=offs < n, other=0.0).to(tl.float64)
+        acc += x * x
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _factored_u(
     row, num, ridx, cidx, rmask, cmask, mean64, wide, wr, wc, eps1, eps1sq, CLAMP: tl.constexpr,
 ):  # fmt: skip
@@ -508,7 +521,7 @@ def _stats_1d(
 @triton.jit
 def _reduce1(
     meta, hyp, scal, tsum, gscale_ptr, skip_ptr, alpha_out, clipnorm, eps2, sign, clipv,
-    G_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, HAS_GSCALE: tl.constexpr,
+    G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_CLIPV: tl.constexpr, HAS_GSCALE: tl.constexpr,
     CLIPNORM: tl.constexpr, SCALE_PARAM: tl.constexpr, WANT_WIDE: tl.constexpr,
     RB: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -543,7 +556,10 @@ def _reduce1(
     if SCALE_PARAM:
         xsq = _sum_partials(tsum, row, T_X, TS, M_SPROG0, M_NSPROG, RB)
         x_rms = tl.sqrt_rn(tl.div_rn(xsq, tl.load(row + M_NUMEL).to(tl.float32)))
-        # RMS(x) saturated, as the reference (inf once x^2 overflows: inf * rho is NaN at lr 0)
+        if xsq > F32_MAX:  # a float32 sum overflowed (inf): one program sums float64 squares
+            x_sq64 = _param_sq64(row, P_DT, BLOCK)
+            x_rms = tl.sqrt(x_sq64 / tl.load(row + M_NUMEL).to(tl.float64)).to(tl.float32)
+        # RMS(x) saturated, as the reference (it can round past it: inf * rho is NaN at lr 0)
         alpha = _max_nan(_min_nan(x_rms * tl.load(h + H_WDB), F32_MAX), eps2) * alpha
     tl.store(scal + slot * NS + S_GSCALE, gscale)
     tl.store(scal + slot * NS + S_ALPHA, alpha)
@@ -719,13 +735,10 @@ def _pass2_2d(
     wr = wide_r + tl.load(row + M_WROW)
     wc = wide_c + tl.load(row + M_WCOL)
     u = _factored_u(row, num, ridx, cidx, rmask, cmask, mean, wide, wr, wc, eps1, eps1sq, CLAMP)
-    sq = tl.where(mask, u * u, 0.0)
-    usq = tl.sum(tl.sum(sq, axis=1), axis=0).to(tl.float64)
-    if wide:  # float64 squares (U beside an outlier is far beyond 1e19)
+    usq = tl.sum(tl.sum(tl.where(mask, u * u, 0.0), axis=1), axis=0).to(tl.float64)
+    if wide or usq > F32_MAX:  # float64 squares: U beside an outlier can be far beyond 1e19
         u64 = u.to(tl.float64)
         usq = tl.sum(tl.sum(tl.where(mask, u64 * u64, 0.0), axis=1), axis=0)
-    elif usq > F32_MAX:  # the float32 sum overflowed: float32 squares added in float64
-        usq = tl.sum(tl.sum(sq.to(tl.float64), axis=1), axis=0)
     tl.store(usum + pid, usq)
 
 
@@ -775,10 +788,10 @@ def _pass2_1d(
     num = _numerator(row, offs, mask, gs, w1, keep, M_DT, MOM, True)
     w2 = tl.load(hyp + slot * NH + H_W2)
     u = _unfactored_u(row, offs, mask, gs, num, w2, eps1, eps1sq, keep, CLAMP, True)
-    sq = tl.where(mask, u * u, 0.0)
-    usq = tl.sum(sq, axis=0).to(tl.float64)
-    if usq > F32_MAX:  # the float32 sum overflowed: float32 squares added in float64
-        usq = tl.sum(sq.to(tl.float64), axis=0)
+    usq = tl.sum(tl.where(mask, u * u, 0.0), axis=0).to(tl.float64)
+    if usq > F32_MAX:  # the float32 sum overflowed: float64 squares (the true RMS(U))
+        u64 = u.to(tl.float64)
+        usq = tl.sum(tl.where(mask, u64 * u64, 0.0), axis=0)
     tl.store(usum + pid, usq)
 
 
@@ -1298,7 +1311,8 @@ def _launch_bucket(
     _reduce1[(n,)](
         meta, hyp, scal, tsum, grad_scale if grad_scale is not None else dummy, skip_ptr, alphas,
         float(plan.clipnorm or 0.0), float(plan.eps2), sign, clipv,
-        G_DT=g_dt, HAS_CLIPV=has_clipv, HAS_GSCALE=grad_scale is not None, CLIPNORM=clipnorm,
+        G_DT=g_dt, P_DT=p_dt, HAS_CLIPV=has_clipv, HAS_GSCALE=grad_scale is not None,
+        CLIPNORM=clipnorm,
         SCALE_PARAM=scale_param, WANT_WIDE=factored or clipnorm, RB=REDUCE_BLOCK,
         BLOCK=BLOCK_1D, **opts,
     )  # fmt: skip
