@@ -134,6 +134,42 @@ def test_fused_matches_reference_bf16(kwargs: dict, monkeypatch: pytest.MonkeyPa
     _compare(AdafactorInput(f"bf16 {kwargs}", kwargs), SHAPES + LARGE_SHAPES, torch.bfloat16)
 
 
+@pytest.fixture
+def portable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C kernel built without AVX-512 (its portable bodies, which run on CPUs without it:
+    this machine and CI have it, so nothing else tests them); restored after the test."""
+    monkeypatch.setattr(fused, "_FLAGS", [*fused._FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_lib_error", None)
+    monkeypatch.setattr(fused, "parallel_min_numel", 32768)
+
+
+def _without_carry(sample: AdafactorInput) -> AdafactorInput:
+    # pass 1 then sums x^2 every step, in its loop over g (the kernel's X_FUSED)
+    kwargs = {**sample.kwargs, "carry_param_rms": False}
+    return AdafactorInput(f"{sample.desc}, no carry", kwargs, sample.bf16)
+
+
+@pytest.mark.parametrize("carry", [True, False], ids=["carry", "no-carry"])
+@pytest.mark.parametrize("sample", OPTIM_INPUTS, ids=lambda s: s.desc)
+@pytest.mark.usefixtures("portable_kernel")
+def test_portable_kernel_matches_reference(sample: AdafactorInput, carry: bool) -> None:
+    dtype = torch.bfloat16 if sample.bf16 else torch.float32
+    shapes = SHAPES + LARGE_SHAPES if sample.desc in LARGE_SAMPLES else SHAPES
+    _compare(sample if carry else _without_carry(sample), shapes, dtype)
+    assert fused._lib is not None and "-mno-avx512f" in fused._FLAGS  # (this kernel ran)
+
+
+@pytest.mark.parametrize(
+    "sample", [s for s in OPTIM_INPUTS if s.desc in LARGE_SAMPLES], ids=lambda s: s.desc
+)
+def test_fused_matches_reference_without_carry(
+    sample: AdafactorInput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fused, "parallel_min_numel", 32768)
+    _compare(_without_carry(sample), SHAPES + LARGE_SHAPES, torch.float32)
+
+
 @pytest.mark.parametrize(
     ("dtype", "kwargs"),
     [(torch.bfloat16, {}), (torch.float32, {"beta1": 0.9, "momentum_dtype": torch.bfloat16})],
