@@ -178,6 +178,26 @@ def test_report_only_lists_missing_lengths(tmp_path: Path, monkeypatch: pytest.M
     assert "- paper at 5 steps, seed 0" in report
 
 
+def test_the_report_covers_every_finished_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resuming a few cells (one length, one configuration) rebuilds the report from all of
+    them: it replaced the whole report with the resumed part."""
+    runs = _count_runs(monkeypatch)
+    assert main(_argv(tmp_path, "--seeds", "0", "--configs", "paper")) == 0
+    argv = _argv(tmp_path, "--seeds", "1", "--configs", "relative_schedule", lengths=("4",))
+    assert main(argv) == 0 and len(runs) == 2
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert summary["lengths"] == [3, 4] and summary["seeds"] == [0, 1]
+    assert summary["configs"] == ["paper", "relative_schedule"]
+    assert {(c["key"], c["length"], c["seed"]) for c in summary["cells"]} == {
+        ("paper", 3, 0),
+        ("relative_schedule", 4, 1),
+    }
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| config | 3 steps | 4 steps |" in report
+
+
 def test_cells_that_need_the_sweep_wait_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -54,8 +54,8 @@ __all__ = ["add_arguments", "run"]
 
 QUALITY_TARGET = 1.03  # Adafactor's final validation loss at most 3% above AdamW's
 STATE_TARGET = 1e-3  # the memory the paper promises: about 1/1000 of AdamW's optimizer state
-# 400 steps: three runs of the wide model fit about 3 minutes on 2 cores (docs/demo.md).
-DEFAULT_STEPS = 400
+# 300 steps: three runs of the wide model fit about 3 minutes on 2 cores (docs/demo.md).
+DEFAULT_STEPS = 300
 DEFAULT_SIZE = "wide"
 # AdamW's peak lr per model size. "wide" (the default): best of {5e-4, 7e-4, 1e-3, 1.4e-3, 2e-3,
 # 4e-3, 8e-3} at 600 steps (docs/demo.md). The narrower sizes keep 4e-3, which beat 2e-3 on

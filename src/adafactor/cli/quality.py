@@ -456,8 +456,13 @@ def build_report(
     plot: bool = True,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``summary.json`` and (with ``plot``) ``ratio_vs_length.png`` under
-    ``root`` from the finished cells; return the summary."""
+    ``root`` from the finished cells; return the summary. It covers the given lengths, seeds and
+    configurations and those of every finished cell in ``root``."""
     records = read_cells(root)
+    # every finished cell, not only this invocation's (a resume of a few cells keeps the rest)
+    lengths = sorted(set(lengths) | {r["length"] for r in records})
+    seeds = sorted(set(seeds) | {r["seed"] for r in records})
+    configs = [c for c in CONFIGS if c in configs or any(r["config"] == c for r in records)]
     index = _Index(records)
     rows, _ = _cell_rows(records, index, tune_seed)
     planned = plan_cells(lengths, seeds, configs, adamw_lrs, tune_seed)
