@@ -689,7 +689,8 @@ def _bucket_step(
         div = torch._foreach_div(rms, plan.clip_threshold)
         torch._foreach_clamp_min_(div, 1.0)
         torch._foreach_div_(U, div)
-    # alpha_t is inf once a float32 sum of x^2 overflows (a saturated x): inf * 0 would be NaN
+    # alpha_t = RMS(x) rho_t is inf for weights near float32's largest value with rho_t > 1:
+    # inf * 0 would be NaN
     alpha_s: Scalar = alpha
     if isinstance(alpha, list):
         alpha_s = list(torch._foreach_clamp_max(alpha, big))

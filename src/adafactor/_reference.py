@@ -409,9 +409,9 @@ def _saturate(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _saturate_scalar(value: float | Tensor) -> float | Tensor:
-    """A non-negative scalar (alpha_t, alpha_t wd) at most its dtype's largest value: alpha_t is
-    inf in float32 once x saturates (its float32 squares overflow, or RMS(x) rounds past the
-    largest value), and inf * 0 would be NaN."""
+    """A non-negative scalar (alpha_t, alpha_t wd) at most its dtype's largest value: alpha_t =
+    RMS(x) rho_t is inf in float32 for weights near its largest value with rho_t > 1 (an lr above
+    1), and inf * 0 would be NaN."""
     if isinstance(value, Tensor):
         return value.clamp(max=torch.finfo(value.dtype).max)
     return value

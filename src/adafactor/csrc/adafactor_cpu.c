@@ -939,7 +939,8 @@ EXPORT void af_apply(Args *a) {
     }
     a->f1 = (float)f1;
     a->f2 = sat((float)f2, F32_MAX);
-    /* alpha_t is inf once the float32 sums of x^2 overflow (a saturated x): inf * 0 is NaN */
+    /* alpha_t = RMS(x) rho_t is inf for weights near float32's largest value with rho_t > 1:
+     * inf * 0 is NaN */
     a->alpha = sat(a->alpha, F32_MAX);
     elem_run(a, 3);
 }

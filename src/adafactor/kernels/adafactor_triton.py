@@ -828,7 +828,8 @@ def _apply(
     u = _sat(u, F32_MAX)  # U beyond float32 (no update clipping, beside an outlier)
     if CLIP:
         u = tl.div_rn(u, tl.load(s + S_DIV))
-    # alpha_t is inf once a float32 sum of x^2 overflows (a saturated x): inf * 0 would be NaN
+    # alpha_t = RMS(x) rho_t is inf for weights near float32's largest value with rho_t > 1:
+    # inf * 0 would be NaN
     alpha = _min_nan(tl.load(s + S_ALPHA), F32_MAX)
     if MOM == MOM_NORMALIZED_UPDATE:  # big_vision: momentum of U_hat, before alpha
         mp = _ptr(row, M_M, M_DT) + offs
