@@ -109,19 +109,28 @@ def _compare(sample: AdafactorInput, shapes: list[tuple[int, ...]], dtype: torch
         torch.testing.assert_close(gf.update_rms, gr.update_rms, rtol=1e-5, atol=0)
 
 
+def _without_carry(sample: AdafactorInput) -> AdafactorInput:
+    # pass 1 then sums x^2 every step, in its loop over g (the kernel's X_FUSED)
+    kwargs = {**sample.kwargs, "carry_param_rms": False}
+    return AdafactorInput(f"{sample.desc}, no carry", kwargs, sample.bf16)
+
+
 @pytest.mark.parametrize("sample", OPTIM_INPUTS, ids=lambda s: s.desc)
 def test_fused_matches_reference(sample: AdafactorInput) -> None:
     _compare(sample, SHAPES, torch.bfloat16 if sample.bf16 else torch.float32)
 
 
+@pytest.mark.parametrize("carry", [True, False], ids=["carry", "no-carry"])
 @pytest.mark.parametrize(
     "sample", [s for s in OPTIM_INPUTS if s.desc in LARGE_SAMPLES], ids=lambda s: s.desc
 )
 def test_fused_matches_reference_multithreaded(
-    sample: AdafactorInput, monkeypatch: pytest.MonkeyPatch
+    sample: AdafactorInput, carry: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Large tensors on the multi-threaded path, and small ones beside them; without the carried
+    sum of x^2, pass 1 sums it in its loop over g (the kernel's X_FUSED)."""
     monkeypatch.setattr(fused, "parallel_min_numel", 32768)
-    _compare(sample, LARGE_SHAPES, torch.float32)
+    _compare(sample if carry else _without_carry(sample), SHAPES + LARGE_SHAPES, torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -144,12 +153,6 @@ def portable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "parallel_min_numel", 32768)
 
 
-def _without_carry(sample: AdafactorInput) -> AdafactorInput:
-    # pass 1 then sums x^2 every step, in its loop over g (the kernel's X_FUSED)
-    kwargs = {**sample.kwargs, "carry_param_rms": False}
-    return AdafactorInput(f"{sample.desc}, no carry", kwargs, sample.bf16)
-
-
 @pytest.mark.parametrize("carry", [True, False], ids=["carry", "no-carry"])
 @pytest.mark.parametrize("sample", OPTIM_INPUTS, ids=lambda s: s.desc)
 @pytest.mark.usefixtures("portable_kernel")
@@ -158,16 +161,6 @@ def test_portable_kernel_matches_reference(sample: AdafactorInput, carry: bool) 
     shapes = SHAPES + LARGE_SHAPES if sample.desc in LARGE_SAMPLES else SHAPES
     _compare(sample if carry else _without_carry(sample), shapes, dtype)
     assert fused._lib is not None and "-mno-avx512f" in fused._FLAGS  # (this kernel ran)
-
-
-@pytest.mark.parametrize(
-    "sample", [s for s in OPTIM_INPUTS if s.desc in LARGE_SAMPLES], ids=lambda s: s.desc
-)
-def test_fused_matches_reference_without_carry(
-    sample: AdafactorInput, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(fused, "parallel_min_numel", 32768)
-    _compare(_without_carry(sample), SHAPES + LARGE_SHAPES, torch.float32)
 
 
 @pytest.mark.parametrize(
